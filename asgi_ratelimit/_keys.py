@@ -1,0 +1,24 @@
+"""Every storage key is built here, and nowhere else.
+
+A key is ``<prefix>{<digest>}:<policy>``.  The identity (an IP, an API key, a user id) is
+hashed, so a raw identity never reaches Redis, a user-supplied value cannot inject braces
+or grow keys without bound, and all the keys of one identity share one Redis Cluster hash slot.
+"""
+
+from __future__ import annotations
+
+from hashlib import blake2b
+
+from .policies import Policy
+
+__all__ = ["digest", "state_key"]
+
+
+def digest(identity: str) -> str:
+    """A short, stable, non-reversible fingerprint of an identity (96 bits, hex)."""
+    return blake2b(identity.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def state_key(prefix: str, identity_digest: str, policy: Policy) -> str:
+    """The key holding one policy's state for one (already hashed) identity."""
+    return f"{prefix}{{{identity_digest}}}:{policy.key_suffix}"

@@ -1,0 +1,66 @@
+"""The Backend protocol: what the middleware, the limiter and the service need from storage."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from ..errors import ConfigurationError
+from ..policies import MICROS, Decision, Policy
+
+__all__ = ["Backend", "Hit", "check_hits", "decisions_from_flat"]
+
+#: One entry of a combined call: (identity, policy, cost).
+Hit = tuple[str, Policy, int]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Storage that decides hits atomically."""
+
+    async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
+        """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
+        ...
+
+    async def hit_many(self, hits: Sequence[Hit]) -> list[Decision]:
+        """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise BackendError unless the storage answers."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release connections and tasks."""
+        ...
+
+
+def check_hits(hits: Sequence[Hit]) -> None:
+    """Reject entries the scripts cannot decide correctly (a bad cost, one state key twice)."""
+    seen: set[tuple[str, Policy]] = set()
+    for identity, policy, cost in hits:
+        if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise ConfigurationError(f"The cost of a hit must be a whole number of at least 1, got {cost!r}.")
+        if len(hits) > 1:
+            if (identity, policy) in seen:
+                raise ConfigurationError(f"{policy!r} appears twice for one key in a single hit.")
+            seen.add((identity, policy))
+
+
+def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decision]:
+    """Turn the scripts' flat reply (allowed, retry_us, remaining, reset_us per entry) into Decisions."""
+    decisions = []
+    for i, (_, policy, _) in enumerate(hits):
+        allowed, retry_us, remaining, reset_us = flat[4 * i : 4 * i + 4]
+        decisions.append(
+            Decision(
+                allowed=bool(allowed),
+                limit=policy.quota,
+                remaining=max(0, int(remaining)),
+                retry_after=math.inf if retry_us < 0 else retry_us / MICROS,
+                reset_after=max(0, reset_us) / MICROS,
+                policy=policy,
+            )
+        )
+    return decisions

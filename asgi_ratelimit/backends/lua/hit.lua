@@ -1,0 +1,232 @@
+--[[
+hit.lua: decide one hit against one or more policies, all or nothing, in one call.
+
+KEYS[i]   the state key of entry i (on a cluster every key of one call shares a hash tag).
+ARGV[1]   now, in integer microseconds since the epoch, or "" to use the server clock (TIME).
+ARGV[2..] four values per entry i, starting at ARGV[4*(i-1)+2]:
+            code   1 token bucket, 2 sliding-window log, 3 GCRA, 4 fixed window,
+                   5 sliding-window counter (asgi_ratelimit/policies.py)
+            cost   whole units this hit takes (>= 1)
+            p1,p2  the policy's parameters, as policies.py formats them:
+                   token bucket    p1 = refill rate (micro-tokens per microsecond), p2 = capacity
+                   sliding log     p1 = limit, p2 = window (us)
+                   GCRA            p1 = emission interval (us), p2 = burst
+                   fixed window    p1 = limit, p2 = window (us)
+                   window counter  p1 = limit, p2 = window (us)
+Returns   a flat array, four integers per entry:
+            allowed (1 or 0: this policy's own verdict), retry_after (us; -1 = never),
+            remaining, reset_after (us); after the hit when every entry allowed, else before it
+
+Every entry is decided first, without writing; the writes run only when all entries allow,
+so a denied hit consumes from none of its policies.  All values stay integers below 2^53,
+and numbers are formatted with %.17g where they become strings, so nothing is truncated.
+Every written key gets a TTL in whole milliseconds, rounded up, at least 1.
+]]
+
+local SCALE = 1000000  -- micro-tokens per token
+
+local function ttl_ms(us)
+  local ms = math.ceil(us / 1000)
+  if ms < 1 then ms = 1 end
+  return ms
+end
+
+-- The index of the window holding `now`; corrected so that rounding in the division
+-- can never put `now` in the wrong window.
+local function window_index(now, window)
+  local index = math.floor(now / window)
+  if (index + 1) * window <= now then
+    index = index + 1
+  elseif index * window > now then
+    index = index - 1
+  end
+  return index
+end
+
+local function token_bucket(key, now, cost, rate, capacity)
+  local full = capacity * SCALE
+  local state = redis.call('HMGET', key, 't', 'ts')
+  local tokens = tonumber(state[1])
+  local stamp = tonumber(state[2])
+  if tokens == nil or stamp == nil then
+    tokens = full
+    stamp = now
+  elseif now > stamp then
+    tokens = math.min(full, tokens + math.floor((now - stamp) * rate))
+    stamp = now
+  end
+  local need = cost * SCALE
+  local remaining = math.floor(tokens / SCALE)
+  local reset = math.ceil((full - tokens) / rate)
+  if need > full then
+    return 0, -1, remaining, reset
+  end
+  if tokens < need then
+    return 0, math.ceil((need - tokens) / rate), remaining, reset
+  end
+  local left = tokens - need
+  local reset_after = math.ceil((full - left) / rate)
+  return 1, 0, remaining, reset, math.floor(left / SCALE), reset_after, function()
+    redis.call('HSET', key, 't', string.format('%.17g', left), 'ts', string.format('%.17g', stamp))
+    redis.call('PEXPIRE', key, ttl_ms(reset_after))
+  end
+end
+
+local function sliding_window(key, now, cost, limit, window)
+  local oldest_live = string.format('(%.17g', now - window)
+  local count = redis.call('ZCOUNT', key, oldest_live, '+inf')
+  local reset = 0
+  if count > 0 then
+    local newest = redis.call('ZREVRANGEBYSCORE', key, '+inf', oldest_live, 'WITHSCORES', 'LIMIT', 0, 1)
+    reset = math.max(0, tonumber(newest[2]) + window - now)
+  end
+  if cost > limit then
+    return 0, -1, limit - count, reset
+  end
+  if count + cost > limit then
+    -- The hit fits once the (count + cost - limit)-th oldest live entry has expired.
+    local nth = redis.call('ZRANGEBYSCORE', key, oldest_live, '+inf', 'WITHSCORES', 'LIMIT', count + cost - limit - 1, 1)
+    return 0, math.max(1, tonumber(nth[2]) + window - now), limit - count, reset
+  end
+  return 1, 0, limit - count, reset, limit - count - cost, window, function()
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.17g', now - window))
+    -- Each admitted unit needs its own member: the live count makes it unique at this instant.
+    local args = {}
+    for unit = 1, cost do
+      args[#args + 1] = string.format('%.17g', now)
+      args[#args + 1] = string.format('%.17g-%d', now, count + unit)
+      if #args >= 200 or unit == cost then
+        redis.call('ZADD', key, unpack(args))
+        args = {}
+      end
+    end
+    redis.call('PEXPIRE', key, ttl_ms(window))
+  end
+end
+
+local function gcra(key, now, cost, interval, burst)
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then
+    tat = now
+  end
+  local tolerance = burst * interval
+  local available = math.floor((tolerance - (tat - now)) / interval)
+  if cost > burst then
+    return 0, -1, available, tat - now
+  end
+  local new_tat = tat + cost * interval
+  if new_tat - now > tolerance then
+    return 0, new_tat - now - tolerance, available, tat - now
+  end
+  local reset = new_tat - now
+  return 1, 0, available, tat - now, math.floor((tolerance - reset) / interval), reset, function()
+    redis.call('SET', key, string.format('%.17g', new_tat), 'PX', ttl_ms(reset))
+  end
+end
+
+local function fixed_window(key, now, cost, limit, window)
+  local index = window_index(now, window)
+  local state = redis.call('HMGET', key, 'w', 'c')
+  local count = 0
+  if tonumber(state[1]) == index then
+    count = tonumber(state[2]) or 0
+  end
+  local ends = (index + 1) * window - now
+  local reset = 0
+  if count > 0 then
+    reset = ends
+  end
+  if cost > limit then
+    return 0, -1, limit - count, reset
+  end
+  if count + cost > limit then
+    return 0, ends, limit - count, reset
+  end
+  return 1, 0, limit - count, reset, limit - count - cost, ends, function()
+    redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', count + cost)
+    redis.call('PEXPIRE', key, ttl_ms(ends))
+  end
+end
+
+local function window_counter(key, now, cost, limit, window)
+  local index = window_index(now, window)
+  local elapsed = now - index * window
+  local state = redis.call('HMGET', key, 'w', 'c', 'p')
+  local stored = tonumber(state[1])
+  local current, previous = 0, 0
+  if stored == index then
+    current = tonumber(state[2]) or 0
+    previous = tonumber(state[3]) or 0
+  elseif stored == index - 1 then
+    previous = tonumber(state[2]) or 0
+  end
+  local weighted = previous * (window - elapsed) / window
+  local reset = 0
+  if current > 0 then
+    reset = 2 * window - elapsed
+  elseif previous > 0 then
+    reset = window - elapsed
+  end
+  local remaining = math.max(0, math.floor(limit - weighted - current))
+  if cost > limit then
+    return 0, -1, remaining, reset
+  end
+  if weighted + current + cost > limit then
+    local spare = limit - current - cost
+    local wait
+    if spare >= 0 then
+      -- The previous window's weight fades enough later in this window.
+      wait = math.ceil(window - spare * window / previous - elapsed)
+    else
+      -- Only the next window can take it, once this window's count has faded enough.
+      wait = window - elapsed + math.max(0, math.ceil(window - (limit - cost) * window / current))
+    end
+    return 0, math.max(1, wait), remaining, reset
+  end
+  local after = current + cost
+  local reset_after = 2 * window - elapsed
+  return 1, 0, remaining, reset, math.max(0, math.floor(limit - weighted - after)), reset_after, function()
+    redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', after, 'p', previous)
+    redis.call('PEXPIRE', key, ttl_ms(reset_after))
+  end
+end
+
+local ALGORITHMS = { token_bucket, sliding_window, gcra, fixed_window, window_counter }
+
+local now = tonumber(ARGV[1])
+if now == nil then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+end
+
+-- Each algorithm returns: allowed, retry_after, remaining and reset_after as they stand before
+-- the hit, and, when it allows, remaining and reset_after once the hit is taken, and the write.
+local decided = {}
+local all_allowed = true
+for i = 1, #KEYS do
+  local base = 4 * (i - 1) + 1
+  local decide = ALGORITHMS[tonumber(ARGV[base + 1])]
+  local verdict = { decide(KEYS[i], now, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])) }
+  decided[i] = verdict
+  if verdict[1] == 0 then
+    all_allowed = false
+  end
+end
+
+local results = {}
+for i = 1, #decided do
+  local v = decided[i]
+  results[#results + 1] = v[1]
+  results[#results + 1] = v[2]
+  if all_allowed then
+    -- Every entry allowed: take the hit everywhere, and report what is left after it.
+    v[7]()
+    results[#results + 1] = v[5]
+    results[#results + 1] = v[6]
+  else
+    -- A denied hit consumes nothing: report every policy as it stands.
+    results[#results + 1] = v[3]
+    results[#results + 1] = v[4]
+  end
+end
+return results

@@ -1,0 +1,278 @@
+"""MemoryBackend: the engine's algorithms in plain Python, for one process and no server.
+
+Each function here mirrors its twin in ``lua/hit.lua`` line for line, including where the
+Lua side computes in doubles, so that both backends give the same Decisions for the same
+sequence of hits (tests/test_conformance.py holds them to it).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from bisect import bisect_right, insort
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .._keys import digest, state_key
+from ..errors import ConfigurationError
+from ..policies import (
+    FIXED_WINDOW,
+    GCRA_CODE,
+    SLIDING_WINDOW,
+    SLIDING_WINDOW_COUNTER,
+    TOKEN_BUCKET,
+    Decision,
+    Policy,
+)
+from .base import Hit, check_hits, decisions_from_flat
+
+__all__ = ["MemoryBackend"]
+
+SCALE = 1_000_000  # micro-tokens per token, as in hit.lua
+
+# (allowed, retry_us, remaining_before, reset_before, remaining_after, reset_after, write)
+Verdict = tuple[int, int, int, int, int, int, Callable[[], None] | None]
+
+
+def _ttl_us(us: float) -> int:
+    """The TTL hit.lua sets (whole milliseconds, rounded up, at least 1), in microseconds."""
+    return max(1, math.ceil(us / 1000)) * 1000
+
+
+def _window_index(now: int, window: int) -> int:
+    return now // window
+
+
+def system_clock_us() -> int:
+    """Wall-clock time in integer microseconds, the epoch Redis's TIME uses."""
+    return time.time_ns() // 1000
+
+
+class MemoryBackend:
+    """In-process storage with the same answers as RedisBackend; the embedded default.
+
+    Args:
+        max_keys: the most keys kept at once.  Expired keys are dropped as they are met;
+            when the cap is reached the least recently written key is evicted, so memory
+            stays bounded under a flood of unique identities.
+        prefix: the key prefix (kept for parity with RedisBackend).
+        clock: a function returning the time in integer microseconds (tests inject one).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_keys: int = 100_000,
+        prefix: str = "rl:",
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        if isinstance(max_keys, bool) or not isinstance(max_keys, int) or max_keys < 1:
+            raise ConfigurationError(f"MemoryBackend: max_keys must be a whole number above 0, got {max_keys!r}.")
+        self.max_keys = max_keys
+        self.prefix = prefix
+        self._clock = clock or system_clock_us
+        # key -> [expires_at_us, state]; insertion order is write order, oldest first.
+        self._store: dict[str, list[Any]] = {}
+        self._writes = 0
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
+        """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
+        return self.decide([(key, policy, cost) for policy in policies])
+
+    async def hit_many(self, hits: Sequence[Hit]) -> list[Decision]:
+        """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
+        return self.decide(hits)
+
+    async def ping(self) -> None:
+        """Always answers: the state lives in this process."""
+
+    async def aclose(self) -> None:
+        """Drop all state."""
+        self._store.clear()
+
+    def decide(self, hits: Sequence[Hit]) -> list[Decision]:
+        """The synchronous core of hit_many: atomic because it never awaits."""
+        check_hits(hits)
+        now = self._clock()
+        verdicts: list[Verdict] = []
+        all_allowed = True
+        digests: dict[str, str] = {}
+        for identity, policy, cost in hits:
+            hashed = digests.get(identity)
+            if hashed is None:
+                hashed = digests[identity] = digest(identity)
+            key = state_key(self.prefix, hashed, policy)
+            verdict = _ALGORITHMS[policy.code](self, key, now, cost, policy)
+            verdicts.append(verdict)
+            if not verdict[0]:
+                all_allowed = False
+        flat: list[int] = []
+        for allowed, retry, rem0, reset0, rem1, reset1, write in verdicts:
+            if all_allowed:
+                assert write is not None
+                write()
+                flat += (allowed, retry, rem1, reset1)
+            else:
+                flat += (allowed, retry, rem0, reset0)
+        return decisions_from_flat(hits, flat)
+
+    # -- storage ---------------------------------------------------------------------
+
+    def _get(self, key: str, now: int) -> Any:
+        entry = self._store.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= now:
+            del self._store[key]
+            return None
+        return entry[1]
+
+    def _set(self, key: str, state: Any, now: int, ttl_from_now_us: float) -> None:
+        store = self._store
+        # Re-inserting moves the key to the end, so the front holds the least recently written.
+        store.pop(key, None)
+        store[key] = [now + _ttl_us(ttl_from_now_us), state]
+        self._writes += 1
+        if self._writes % 1024 == 0:
+            self._sweep(now)
+        while len(store) > self.max_keys:
+            del store[next(iter(store))]
+
+    def _sweep(self, now: int, budget: int = 512) -> None:
+        """Drop expired keys among the least recently written ones."""
+        store = self._store
+        expired = [key for key, _ in zip(store, range(budget)) if store[key][0] <= now]
+        for key in expired:
+            del store[key]
+
+    # -- the algorithms, mirroring hit.lua ---------------------------------------------
+
+    def _token_bucket(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+        rate = float(policy.params[0])
+        capacity = int(policy.params[1])
+        full = capacity * SCALE
+        state = self._get(key, now)
+        if state is None:
+            tokens, stamp = full, now
+        else:
+            tokens, stamp = state
+            if now > stamp:
+                tokens = min(full, tokens + math.floor((now - stamp) * rate))
+                stamp = now
+        need = cost * SCALE
+        remaining = tokens // SCALE
+        reset = math.ceil((full - tokens) / rate)
+        if need > full:
+            return 0, -1, remaining, reset, 0, 0, None
+        if tokens < need:
+            return 0, math.ceil((need - tokens) / rate), remaining, reset, 0, 0, None
+        left = tokens - need
+        reset_after = math.ceil((full - left) / rate)
+
+        def write() -> None:
+            self._set(key, (left, stamp), now, reset_after)
+
+        return 1, 0, remaining, reset, left // SCALE, reset_after, write
+
+    def _sliding_window(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+        limit, window = int(policy.params[0]), int(policy.params[1])
+        scores: list[int] | None = self._get(key, now)
+        live_from = 0 if scores is None else bisect_right(scores, now - window)
+        count = 0 if scores is None else len(scores) - live_from
+        reset = 0
+        if scores and count > 0:
+            reset = max(0, scores[-1] + window - now)
+        if cost > limit:
+            return 0, -1, limit - count, reset, 0, 0, None
+        if count + cost > limit:
+            assert scores is not None
+            nth = scores[live_from + count + cost - limit - 1]
+            return 0, max(1, nth + window - now), limit - count, reset, 0, 0, None
+
+        def write() -> None:
+            kept = [] if scores is None else scores
+            del kept[:live_from]
+            for _ in range(cost):
+                insort(kept, now)
+            self._set(key, kept, now, window)
+
+        return 1, 0, limit - count, reset, limit - count - cost, window, write
+
+    def _gcra(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+        interval, burst = int(policy.params[0]), int(policy.params[1])
+        stored = self._get(key, now)
+        tat = now if stored is None else max(stored, now)
+        tolerance = burst * interval
+        available = math.floor((tolerance - (tat - now)) / interval)
+        if cost > burst:
+            return 0, -1, available, tat - now, 0, 0, None
+        new_tat = tat + cost * interval
+        if new_tat - now > tolerance:
+            return 0, new_tat - now - tolerance, available, tat - now, 0, 0, None
+        reset = new_tat - now
+
+        def write() -> None:
+            self._set(key, new_tat, now, reset)
+
+        return 1, 0, available, tat - now, math.floor((tolerance - reset) / interval), reset, write
+
+    def _fixed_window(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+        limit, window = int(policy.params[0]), int(policy.params[1])
+        index = _window_index(now, window)
+        state = self._get(key, now)
+        count = state[1] if state is not None and state[0] == index else 0
+        ends = (index + 1) * window - now
+        reset = ends if count > 0 else 0
+        if cost > limit:
+            return 0, -1, limit - count, reset, 0, 0, None
+        if count + cost > limit:
+            return 0, ends, limit - count, reset, 0, 0, None
+
+        def write() -> None:
+            self._set(key, (index, count + cost), now, ends)
+
+        return 1, 0, limit - count, reset, limit - count - cost, ends, write
+
+    def _window_counter(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+        limit, window = int(policy.params[0]), int(policy.params[1])
+        index = _window_index(now, window)
+        elapsed = now - index * window
+        state = self._get(key, now)
+        current = previous = 0
+        if state is not None:
+            if state[0] == index:
+                current, previous = state[1], state[2]
+            elif state[0] == index - 1:
+                previous = state[1]
+        # Floats, in the order hit.lua computes them, so both round alike.
+        weighted = float(previous) * float(window - elapsed) / float(window)
+        reset = 2 * window - elapsed if current > 0 else (window - elapsed if previous > 0 else 0)
+        remaining = max(0, math.floor(limit - weighted - current))
+        if cost > limit:
+            return 0, -1, remaining, reset, 0, 0, None
+        if weighted + current + cost > limit:
+            spare = limit - current - cost
+            if spare >= 0:
+                wait = math.ceil(window - float(spare) * float(window) / float(previous) - elapsed)
+            else:
+                wait = window - elapsed + max(0, math.ceil(window - float(limit - cost) * float(window) / float(current)))
+            return 0, max(1, wait), remaining, reset, 0, 0, None
+        after = current + cost
+        reset_after = 2 * window - elapsed
+
+        def write() -> None:
+            self._set(key, (index, after, previous), now, reset_after)
+
+        return 1, 0, remaining, reset, max(0, math.floor(limit - weighted - after)), reset_after, write
+
+
+_ALGORITHMS: dict[int, Callable[[MemoryBackend, str, int, int, Policy], Verdict]] = {
+    TOKEN_BUCKET: MemoryBackend._token_bucket,
+    SLIDING_WINDOW: MemoryBackend._sliding_window,
+    GCRA_CODE: MemoryBackend._gcra,
+    FIXED_WINDOW: MemoryBackend._fixed_window,
+    SLIDING_WINDOW_COUNTER: MemoryBackend._window_counter,
+}

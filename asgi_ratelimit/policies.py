@@ -1,0 +1,261 @@
+"""Rate-limit policies (the algorithms and their parameters) and the Decision they produce.
+
+A policy is a frozen value: it is validated when built, and it precomputes the integer
+parameters that both backends use, so that the Lua scripts and the in-memory twin work on
+exactly the same numbers.  All times inside the engine are integer microseconds: exact in a
+Lua double (below 2**53) and in Python alike.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "GCRA",
+    "Concurrency",
+    "Decision",
+    "FixedWindow",
+    "Policy",
+    "SlidingWindow",
+    "SlidingWindowCounter",
+    "TokenBucket",
+    "parse_limit",
+]
+
+MICROS = 1_000_000
+# Bounds that keep every intermediate value of the scripts an exact integer in a double.
+_MAX_COUNT = 1_000_000_000
+_MIN_WINDOW_US = 1_000  # 1 ms: shorter windows make no sense for HTTP traffic.
+_MAX_WINDOW_US = 366 * 86_400 * MICROS
+
+# Algorithm codes shared with backends/lua/hit.lua and backends/memory.py.
+TOKEN_BUCKET = 1
+SLIDING_WINDOW = 2
+GCRA_CODE = 3
+FIXED_WINDOW = 4
+SLIDING_WINDOW_COUNTER = 5
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer for one policy of one hit.
+
+    ``retry_after`` is the number of seconds until this hit could succeed (0 when allowed;
+    ``math.inf`` when it never can, because its cost exceeds the policy's capacity).
+    ``reset_after`` is the number of seconds until the key is back to its full allowance.
+    """
+
+    allowed: bool
+    limit: int
+    remaining: int
+    retry_after: float
+    reset_after: float
+    policy: Policy | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def never(self) -> bool:
+        """True when the hit's cost exceeds the policy's capacity: no wait can make it pass."""
+        return math.isinf(self.retry_after)
+
+
+def _check_count(owner: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigurationError(f"{owner}: {name} must be a whole number, got {value!r}.")
+    if not 1 <= value <= _MAX_COUNT:
+        raise ConfigurationError(f"{owner}: {name} must be between 1 and {_MAX_COUNT:,}, got {value!r}.")
+    return value
+
+
+def _check_seconds(owner: str, name: str, value: object) -> int:
+    """Validate a duration in seconds and return it in whole microseconds."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigurationError(f"{owner}: {name} must be a number of seconds, got {value!r}.")
+    micros = round(value * MICROS)
+    if not _MIN_WINDOW_US <= micros <= _MAX_WINDOW_US:
+        raise ConfigurationError(
+            f"{owner}: {name} must be between 0.001 and {_MAX_WINDOW_US // MICROS} seconds, got {value!r}."
+        )
+    return micros
+
+
+class Policy:
+    """Base class of the rate-limit policies; see the concrete classes."""
+
+    algorithm: ClassVar[str]
+    code: ClassVar[int]
+    # Filled in by each subclass's __post_init__.
+    quota: int  # what RateLimit-Policy advertises as q
+    window_seconds: int  # what RateLimit-Policy advertises as w (whole seconds, > 0)
+    capacity: int  # the largest cost that can ever be allowed
+    params: tuple[str, str]  # the script's two parameters, already formatted
+    key_suffix: str  # distinguishes two policies stored under one identity
+
+    def _finish(self, quota: int, window_us: int, capacity: int, p1: int | float, p2: int) -> None:
+        # Frozen dataclasses forbid attribute assignment; these are derived once, here.
+        object.__setattr__(self, "quota", quota)
+        object.__setattr__(self, "window_seconds", max(1, math.ceil(window_us / MICROS)))
+        object.__setattr__(self, "capacity", capacity)
+        # repr() of a float round-trips exactly, and Lua's tonumber reads back the same double.
+        object.__setattr__(self, "params", (repr(p1), str(p2)))
+        object.__setattr__(self, "key_suffix", f"{self.code}:{p1!r}:{p2}")
+
+
+@dataclass(frozen=True)
+class TokenBucket(Policy):
+    """A bucket of ``capacity`` tokens refilled at ``refill_rate`` tokens per second; a hit takes ``cost`` tokens."""
+
+    capacity: int
+    refill_rate: float
+    algorithm: ClassVar[str] = "token_bucket"
+    code: ClassVar[int] = TOKEN_BUCKET
+
+    def __post_init__(self) -> None:
+        owner = f"TokenBucket(capacity={self.capacity!r}, refill_rate={self.refill_rate!r})"
+        _check_count(owner, "capacity", self.capacity)
+        rate = self.refill_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+            raise ConfigurationError(f"{owner}: refill_rate must be a number of tokens per second, got {rate!r}.")
+        if not 1e-6 <= rate <= _MAX_COUNT:
+            raise ConfigurationError(f"{owner}: refill_rate must be between 0.000001 and {_MAX_COUNT:,}, got {rate!r}.")
+        # Tokens are stored in micro-tokens; refill_rate tokens/s is refill_rate micro-tokens/us.
+        full_us = math.ceil(self.capacity * MICROS / rate)
+        self._finish(self.capacity, full_us, self.capacity, float(rate), self.capacity)
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Policy):
+    """An exact sliding-window log: at most ``limit`` hits in any ``window`` seconds (a sorted set in Redis)."""
+
+    limit: int
+    window: float
+    algorithm: ClassVar[str] = "sliding_window"
+    code: ClassVar[int] = SLIDING_WINDOW
+
+    def __post_init__(self) -> None:
+        owner = f"SlidingWindow(limit={self.limit!r}, window={self.window!r})"
+        _check_count(owner, "limit", self.limit)
+        window_us = _check_seconds(owner, "window", self.window)
+        self._finish(self.limit, window_us, self.limit, self.limit, window_us)
+
+
+@dataclass(frozen=True)
+class GCRA(Policy):
+    """Generic cell rate algorithm: ``limit`` hits per ``period`` seconds, at most ``burst`` at once.
+
+    ``burst`` defaults to ``limit``.  State is one timestamp per key.
+    """
+
+    limit: int
+    period: float
+    burst: int | None = None
+    algorithm: ClassVar[str] = "gcra"
+    code: ClassVar[int] = GCRA_CODE
+
+    def __post_init__(self) -> None:
+        owner = f"GCRA(limit={self.limit!r}, period={self.period!r}, burst={self.burst!r})"
+        _check_count(owner, "limit", self.limit)
+        period_us = _check_seconds(owner, "period", self.period)
+        burst = self.limit if self.burst is None else _check_count(owner, "burst", self.burst)
+        # The emission interval is rounded up, so the rate never exceeds limit/period.
+        interval_us = -(-period_us // self.limit)
+        self._finish(burst, burst * interval_us, burst, interval_us, burst)
+
+
+@dataclass(frozen=True)
+class FixedWindow(Policy):
+    """At most ``limit`` hits per window of ``window`` seconds, windows aligned to the Unix epoch."""
+
+    limit: int
+    window: float
+    algorithm: ClassVar[str] = "fixed_window"
+    code: ClassVar[int] = FIXED_WINDOW
+
+    def __post_init__(self) -> None:
+        owner = f"FixedWindow(limit={self.limit!r}, window={self.window!r})"
+        _check_count(owner, "limit", self.limit)
+        window_us = _check_seconds(owner, "window", self.window)
+        self._finish(self.limit, window_us, self.limit, self.limit, window_us)
+
+
+@dataclass(frozen=True)
+class SlidingWindowCounter(Policy):
+    """Approximate sliding window: the previous window's count, weighted by its overlap, plus the current one."""
+
+    limit: int
+    window: float
+    algorithm: ClassVar[str] = "sliding_window_counter"
+    code: ClassVar[int] = SLIDING_WINDOW_COUNTER
+
+    def __post_init__(self) -> None:
+        owner = f"SlidingWindowCounter(limit={self.limit!r}, window={self.window!r})"
+        _check_count(owner, "limit", self.limit)
+        window_us = _check_seconds(owner, "window", self.window)
+        self._finish(self.limit, window_us, self.limit, self.limit, window_us)
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """At most ``limit`` requests in flight per key; a crashed process's slots expire after ``timeout`` seconds.
+
+    Not a rate policy: the middleware acquires a slot before the app runs and releases it
+    when the response ends.
+    """
+
+    limit: int
+    timeout: float
+    algorithm: ClassVar[str] = "concurrency"
+
+    def __post_init__(self) -> None:
+        owner = f"Concurrency(limit={self.limit!r}, timeout={self.timeout!r})"
+        _check_count(owner, "limit", self.limit)
+        _check_seconds(owner, "timeout", self.timeout)
+
+
+ALGORITHMS: dict[str, type[Policy]] = {
+    cls.algorithm: cls for cls in (TokenBucket, SlidingWindow, GCRA, FixedWindow, SlidingWindowCounter)
+}
+
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+_LIMIT_RE = re.compile(
+    r"""^\s*(?P<count>\d+)\s*(?:/|per)\s*(?P<mult>\d+(?:\.\d+)?\s*)?(?P<unit>second|minute|hour|day)s?\s*$""",
+    re.IGNORECASE,
+)
+_GRAMMAR = (
+    'a count, "/" or "per", an optional number, and a unit (second, minute, hour or day, '
+    'plural allowed): "10/second", "100/minute", "5 per 10 seconds"'
+)
+
+LimitSpec = Union[str, Policy]
+
+
+def parse_limit(text: str, algorithm: str = "sliding_window") -> Policy:
+    """Turn ``"100/minute"`` or ``"5 per 10 seconds"`` into a policy of the given algorithm.
+
+    For ``token_bucket`` the count is the capacity and it refills at count/window tokens per second;
+    for ``gcra`` the burst equals the count.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ConfigurationError(
+            f"Unknown algorithm {algorithm!r}: choose one of {', '.join(sorted(ALGORITHMS))}."
+        )
+    match = _LIMIT_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ConfigurationError(f"Invalid limit {text!r}: expected {_GRAMMAR}.")
+    count = int(match["count"])
+    mult_text = (match["mult"] or "1").strip()
+    seconds = float(mult_text) * _UNITS[match["unit"].lower()]
+    if seconds.is_integer():
+        seconds = int(seconds)
+    if count == 0 or seconds == 0:
+        raise ConfigurationError(f"Invalid limit {text!r}: the count and the window must be above zero.")
+    if algorithm == "token_bucket":
+        return TokenBucket(capacity=count, refill_rate=count / seconds)
+    if algorithm == "gcra":
+        return GCRA(limit=count, period=seconds)
+    cls = ALGORITHMS[algorithm]
+    return cls(count, seconds)  # type: ignore[call-arg]

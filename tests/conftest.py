@@ -1,0 +1,180 @@
+"""Shared fixtures: a real Redis (the machine's, or one started for a test), fakeredis, and backends.
+
+Tests marked ``redis`` need a real server.  Without one they skip with the reason, unless
+REQUIRE_REDIS=1 is set (CI sets it), in which case they fail: a missing Redis must never make
+CI green by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from asgi_ratelimit import MemoryBackend, RedisBackend
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_REDIS = os.environ.get("REQUIRE_REDIS") == "1"
+
+
+def _missing(reason: str) -> None:
+    if REQUIRE_REDIS:
+        pytest.fail(f"REQUIRE_REDIS=1 but {reason}")
+    pytest.skip(reason)
+
+
+def _redis_answers(url: str) -> bool:
+    try:
+        client = sync_redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except sync_redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The URL of a running Redis server (the machine's), or a skip/fail with the reason."""
+    if not _redis_answers(REDIS_URL):
+        _missing(f"no Redis server answers at {REDIS_URL} (set REDIS_URL, or start redis-server)")
+    return REDIS_URL
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RedisProcess:
+    """A redis-server started by a test, on a free loopback port, stopped by the fixture."""
+
+    port: int
+    directory: str
+    extra_args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary is not None
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", self.directory, *self.extra_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while not _redis_answers(self.url):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=5)
+        self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def redis_server_factory() -> Iterator[Callable[..., RedisProcess]]:
+    """Start redis-server processes of a test's own; every one is stopped afterwards."""
+    if shutil.which("redis-server") is None:
+        _missing("the redis-server binary is not installed (apt-get install redis-server)")
+    started: list[RedisProcess] = []
+    with tempfile.TemporaryDirectory(prefix="asgi-ratelimit-redis-") as directory:
+
+        def start(*extra_args: str) -> RedisProcess:
+            server = RedisProcess(port=free_port(), directory=directory, extra_args=list(extra_args))
+            server.start()
+            started.append(server)
+            return server
+
+        yield start
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture
+def redis_server(redis_server_factory: Callable[..., RedisProcess]) -> RedisProcess:
+    """A redis-server of this test's own."""
+    return redis_server_factory()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A prefix unique to this test, so tests share the machine's Redis without touching each other."""
+    return f"test:{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+class ManualClock:
+    """A clock the test moves by hand, in integer microseconds."""
+
+    def __init__(self, start_us: int = 1_700_000_000_000_000) -> None:
+        self.now = start_us
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += round(seconds * 1_000_000)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+BACKEND_KINDS = ["memory", "fakeredis", "redis"]
+
+
+@pytest.fixture(params=BACKEND_KINDS)
+async def backend(request: pytest.FixtureRequest, clock: ManualClock, key_prefix: str) -> AsyncIterator[Any]:
+    """The same engine on every backend, all on the injected clock."""
+    kind = request.param
+    if kind == "memory":
+        yield MemoryBackend(clock=clock, prefix=key_prefix)
+        return
+    if kind == "fakeredis":
+        import fakeredis
+
+        client: Any = fakeredis.FakeAsyncRedis()
+    else:
+        client = Redis.from_url(request.getfixturevalue("redis_url"))
+    instance = RedisBackend(client, prefix=key_prefix, clock=clock)
+    yield instance
+    await instance.aclose()

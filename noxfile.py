@@ -33,3 +33,16 @@ def typecheck(session: nox.Session) -> None:
     """mypy --strict over the package."""
     session.install("-e", TEST_DEPS, "mypy")
     session.run("mypy", "--strict", "asgi_ratelimit")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Every benchmarks/bench_*.py in turn; each prints its table and writes benchmarks/results/."""
+    from pathlib import Path
+
+    session.install("-e", ".[test,hiredis]")
+    requirements = Path("benchmarks/requirements.txt")
+    if requirements.exists():
+        session.install("-r", str(requirements))
+    for script in sorted(Path("benchmarks").glob("bench_*.py")):
+        session.run("python", str(script), *session.posargs)

@@ -2,6 +2,7 @@
 
 from .backends import Backend, MemoryBackend, RedisBackend
 from .errors import BackendError, ConfigurationError
+from .middleware import RateLimitMiddleware
 from .policies import (
     GCRA,
     Decision,
@@ -12,6 +13,7 @@ from .policies import (
     TokenBucket,
     parse_limit,
 )
+from .rules import Rule, rate_limit
 
 __version__ = "0.1.0"
 
@@ -24,9 +26,12 @@ __all__ = [
     "FixedWindow",
     "MemoryBackend",
     "Policy",
+    "RateLimitMiddleware",
     "RedisBackend",
+    "Rule",
     "SlidingWindow",
     "SlidingWindowCounter",
     "TokenBucket",
     "parse_limit",
+    "rate_limit",
 ]

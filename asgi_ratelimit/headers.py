@@ -1,0 +1,104 @@
+"""The response headers API clients read: RateLimit, RateLimit-Policy, Retry-After, X-RateLimit-*.
+
+RateLimit-Policy and RateLimit follow draft-ietf-httpapi-ratelimit-headers-10: Structured Field
+Lists (RFC 9651) with one item per applied limit, the item a String naming the policy:
+
+    RateLimit-Policy: "login";q=5;w=60
+    RateLimit: "login";r=0;t=42
+
+``t`` is the number of whole seconds, rounded up, until more quota is available: on a denial the
+wait before this request could pass (at least 1), otherwise the time until the allowance is full
+again (0 when it already is).  Retry-After is sent on denials only, and equals the largest ``t``
+among the policies that denied.  The legacy X-RateLimit-Reset is, like ``t``, seconds from now
+(not an epoch timestamp).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+from .errors import ConfigurationError
+from .policies import Decision
+
+__all__ = ["HEADER_MODES", "HeaderMode", "policy_item", "rate_limit_headers", "retry_after_seconds", "sf_string"]
+
+HeaderMode = Literal["ietf", "legacy", "both", "none"]
+HEADER_MODES: tuple[str, ...] = ("ietf", "legacy", "both", "none")
+
+# A "never" wait (cost above capacity) still needs a finite header value; a year says "do not retry".
+NEVER_SECONDS = 365 * 86_400
+
+
+def sf_string(text: str) -> str:
+    """``text`` as an RFC 9651 String: printable ASCII, with quotes and backslashes escaped."""
+    cleaned = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    return '"' + cleaned.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def policy_item(name: str, quota: int, window_seconds: int) -> str:
+    """One RateLimit-Policy list item, e.g. ``"login";q=5;w=60``."""
+    return f"{sf_string(name)};q={quota};w={window_seconds}"
+
+
+def retry_after_seconds(decision: Decision) -> int:
+    """Whole seconds, rounded up and at least 1, before a denied hit could pass."""
+    if decision.never:
+        return NEVER_SECONDS
+    return max(1, math.ceil(decision.retry_after))
+
+
+def _t_seconds(decision: Decision) -> int:
+    if not decision.allowed:
+        return retry_after_seconds(decision)
+    if decision.remaining >= decision.limit:
+        return 0
+    return math.ceil(decision.reset_after)
+
+
+def check_mode(mode: str) -> HeaderMode:
+    """Validate the ``headers=`` setting."""
+    if mode not in HEADER_MODES:
+        raise ConfigurationError(f"headers={mode!r} is not a header mode: choose one of {', '.join(HEADER_MODES)}.")
+    return mode  # type: ignore[return-value]
+
+
+def rate_limit_headers(
+    decisions: Sequence[Decision],
+    policy_items: Sequence[str],
+    item_names: Sequence[str],
+    mode: HeaderMode,
+    denied: bool,
+) -> list[tuple[bytes, bytes]]:
+    """The raw ASGI headers for one response.
+
+    ``policy_items[i]`` (a preformatted RateLimit-Policy item) and ``item_names[i]`` (its
+    String-formatted name) describe ``decisions[i]``.
+    """
+    headers: list[tuple[bytes, bytes]] = []
+    if not decisions:
+        return headers
+    if mode in ("ietf", "both"):
+        headers.append((b"ratelimit-policy", ", ".join(policy_items).encode("ascii")))
+        state = ", ".join(
+            f"{name};r={d.remaining};t={_t_seconds(d)}" for name, d in zip(item_names, decisions, strict=True)
+        )
+        headers.append((b"ratelimit", state.encode("ascii")))
+    if mode in ("legacy", "both"):
+        tightest = _tightest(decisions)
+        headers.append((b"x-ratelimit-limit", str(tightest.limit).encode()))
+        headers.append((b"x-ratelimit-remaining", str(tightest.remaining).encode()))
+        headers.append((b"x-ratelimit-reset", str(_t_seconds(tightest)).encode()))
+    if denied:
+        wait = max(retry_after_seconds(d) for d in decisions if not d.allowed)
+        headers.append((b"retry-after", str(wait).encode()))
+    return headers
+
+
+def _tightest(decisions: Sequence[Decision]) -> Decision:
+    """The decision a single-policy client should follow: the longest denial, else the least left."""
+    denials = [d for d in decisions if not d.allowed]
+    if denials:
+        return max(denials, key=retry_after_seconds)
+    return min(decisions, key=lambda d: d.remaining)

@@ -1,0 +1,294 @@
+"""RateLimitMiddleware: a plain ASGI middleware that limits requests by rule and key.
+
+Everything is validated and precompiled in ``__init__``; a request only matches rules, pulls
+keys, makes one backend call for all of its limits, and either answers 429 directly or lets the
+app run, adding the headers to ``http.response.start`` as it passes (bodies stream untouched).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from starlette.requests import HTTPConnection, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .backends.base import Backend, Hit
+from .backends.memory import MemoryBackend
+from .errors import BackendError, ConfigurationError
+from .headers import HeaderMode, check_mode, rate_limit_headers, retry_after_seconds
+from .limiter import Limiter
+from .policies import Decision
+from .rules import ROUTE_MARKER, Rule
+
+__all__ = ["RateLimitMiddleware"]
+
+OnLimited = Callable[[HTTPConnection, Sequence[Decision]], Awaitable[ASGIApp] | ASGIApp]
+Exempt = Iterable[str] | Callable[[HTTPConnection], bool]
+
+# Separates the rule's name from the extracted key in the identity the backend hashes.
+_SEPARATOR = "\x1f"
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``scope["path"]`` without the ``root_path`` it is mounted under."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+class RateLimitMiddleware:
+    """Rate-limit an ASGI app by rules.
+
+    Args:
+        app: the ASGI app to protect.
+        rules: the Rules; every rule that matches a request applies, and the request passes only
+            when all of their limits allow it.  Endpoints marked with ``@rate_limit`` add theirs.
+        backend: where counts live; ``MemoryBackend()`` (one process) by default.
+        headers: ``"ietf"`` (RateLimit and RateLimit-Policy, the default), ``"legacy"``
+            (X-RateLimit-*), ``"both"`` or ``"none"``.  Retry-After is always sent on a 429.
+        exempt: paths (templates as in Rule) or a predicate of the request that are never limited.
+        dry_run: decide, count and send headers, but never deny: to roll a new limit out safely.
+        on_limited: ``on_limited(request, decisions)`` returns the response for a denied request
+            instead of the default problem+json 429.
+        timeout: seconds a backend decision may take before it counts as failed.
+        fail_open: when the backend fails, let requests through (True, the default) or answer 503
+            (False).  A rule's own ``fail_open`` overrides it; one closed rule closes the request.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        rules: Sequence[Rule] = (),
+        backend: Backend | None = None,
+        headers: HeaderMode = "ietf",
+        exempt: Exempt = (),
+        dry_run: bool = False,
+        on_limited: OnLimited | None = None,
+        timeout: float = 0.05,
+        fail_open: bool = True,
+    ) -> None:
+        self.app = app
+        self.backend: Backend = MemoryBackend() if backend is None else backend
+        self.limiter = Limiter(self.backend, timeout=timeout)
+        self.header_mode = check_mode(headers)
+        self.dry_run = bool(dry_run)
+        self.on_limited = on_limited
+        if not isinstance(fail_open, bool):
+            raise ConfigurationError(f"fail_open must be True or False, got {fail_open!r}.")
+        self.fail_open = fail_open
+        self.rules: list[Rule] = []
+        for rule in rules:
+            if not isinstance(rule, Rule):
+                raise ConfigurationError(f"rules must hold Rule objects, got {rule!r}.")
+            self._add_rule(rule)
+        self._exempt_predicate: Callable[[HTTPConnection], bool] | None = None
+        self._exempt_paths: list[Rule] = []
+        if callable(exempt):
+            self._exempt_predicate = exempt
+        else:
+            if isinstance(exempt, str):
+                raise ConfigurationError(f"exempt must be a list of paths or a predicate, got {exempt!r}.")
+            self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
+        self._routes_loaded = False
+
+    def _add_rule(self, rule: Rule) -> None:
+        if any(existing.name == rule.name for existing in self.rules):
+            raise ConfigurationError(f"Two rules are named {rule.name!r}: give one of them another name=.")
+        self.rules.append(rule)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope_type = scope["type"]
+        if scope_type != "http" and scope_type != "websocket":
+            await self.app(scope, receive, send)
+            return
+        if not self._routes_loaded:
+            self._load_route_rules(scope)
+        path = route_path(scope)
+        method = scope.get("method", "GET")
+        matched = [rule for rule in self.rules if rule.matches(method, path)]
+        if not matched or any(rule.matches(method, path) for rule in self._exempt_paths):
+            await self.app(scope, receive, send)
+            return
+        request: HTTPConnection = Request(scope, receive) if scope_type == "http" else HTTPConnection(scope)
+        if self._exempt_predicate is not None and self._exempt_predicate(request):
+            await self.app(scope, receive, send)
+            return
+
+        hits: list[Hit] = []
+        policy_items: tuple[str, ...] = ()
+        item_names: tuple[str, ...] = ()
+        fail_open = True  # the request fails open only when every applied rule does
+        for rule in matched:
+            value = rule.key(request)
+            if inspect.isawaitable(value):
+                value = await value
+            if value is None:
+                continue  # the rule does not apply to this request
+            limits = rule.limits_for(request)
+            cost = rule.cost_for(request)
+            identity = rule.name + _SEPARATOR + value
+            hits.extend((identity, policy, cost) for policy in limits.policies)
+            policy_items += limits.policy_items
+            item_names += limits.item_names
+            if not (self.fail_open if rule.fail_open is None else rule.fail_open):
+                fail_open = False
+        if not hits:
+            await self.app(scope, receive, send)
+            return
+
+        try:
+            decisions = await self.limiter.decide(hits)
+        except BackendError:
+            if fail_open:
+                await self.app(scope, receive, send)
+            else:
+                await self._unavailable(scope, receive, send)
+            return
+
+        denied = not all(decision.allowed for decision in decisions)
+        if denied and not self.dry_run:
+            headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
+            await self._deny(scope, receive, send, request, decisions, item_names, headers)
+            return
+        # Allowed (or a dry run): never a Retry-After on a response the app produces.
+        headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=False)
+        if not headers:
+            await self.app(scope, receive, send)
+            return
+        await self.app(scope, receive, _with_headers(send, headers))
+
+    # -- responses ---------------------------------------------------------------------
+
+    async def _deny(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: HTTPConnection,
+        decisions: Sequence[Decision],
+        item_names: Sequence[str],
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        if self.on_limited is not None:
+            response = self.on_limited(request, decisions)
+            if inspect.isawaitable(response):
+                response = await response
+            await response(scope, receive, _with_headers(send, headers))
+            return
+        violated = [name for name, d in zip(item_names, decisions, strict=True) if not d.allowed]
+        wait = max(retry_after_seconds(d) for d in decisions if not d.allowed)
+        never = any(d.never for d in decisions if not d.allowed)
+        detail = (
+            "This request costs more than the limit allows; it can never be accepted."
+            if never
+            else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
+        )
+        problem = {
+            "type": "about:blank",
+            "title": "Too Many Requests",
+            "status": 429,
+            "detail": detail,
+            "retry_after": wait,
+            "policies": [json.loads(name) for name in violated],
+        }
+        await _respond(scope, receive, send, 429, problem, headers)
+
+    async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
+        problem = {
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "detail": "The rate limiter cannot reach its backend, and this route is configured to fail closed.",
+            "retry_after": 1,
+        }
+        await _respond(scope, receive, send, 503, problem, [(b"retry-after", b"1")])
+
+    # -- routes marked with @rate_limit ------------------------------------------------
+
+    def _load_route_rules(self, scope: Scope) -> None:
+        """Add a Rule for every endpoint marked with ``@rate_limit`` among the app's routes (once)."""
+        self._routes_loaded = True
+        app = scope.get("app")
+        routes = getattr(getattr(app, "router", app), "routes", None)
+        if not routes:
+            return
+        for path, methods, marks in _marked_routes(routes, ""):
+            for index, mark in enumerate(marks):
+                name = mark["name"] or (path if len(marks) == 1 else f"{path}#{index + 1}")
+                while any(rule.name == name for rule in self.rules):
+                    name += "'"
+                self.rules.append(
+                    Rule(
+                        path,
+                        mark["limits"],
+                        key=mark["key"],
+                        methods=methods,
+                        algorithm=mark["algorithm"],
+                        cost=mark["cost"],
+                        name=name,
+                        fail_open=mark["fail_open"],
+                    )
+                )
+
+
+def _marked_routes(routes: Iterable[Any], prefix: str) -> Iterable[tuple[str, list[str] | None, list[dict[str, Any]]]]:
+    for route in routes:
+        path = prefix + getattr(route, "path", "")
+        sub_routes = getattr(route, "routes", None)
+        if sub_routes:  # a Mount, or a Router
+            yield from _marked_routes(sub_routes, path)
+            continue
+        marks = getattr(getattr(route, "endpoint", None), ROUTE_MARKER, None)
+        if marks:
+            methods = getattr(route, "methods", None)
+            yield path, (sorted(methods) if methods else None), marks
+
+
+def _no_key(request: HTTPConnection) -> str | None:
+    return None
+
+
+def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """Wrap ``send`` so the response start (or websocket accept) carries ``headers``; the rest passes as is."""
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start" or message["type"] == "websocket.accept":
+            existing = message.get("headers") or []
+            present = {name.lower() for name, _ in existing}
+            message = dict(message)
+            message["headers"] = [*existing, *(h for h in headers if h[0] not in present)]
+        await send(message)
+
+    return send_with_headers
+
+
+async def _respond(
+    scope: Scope, receive: Receive, send: Send, status: int, problem: dict[str, Any], headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Answer with a problem+json body: as HTTP, or on a websocket handshake as a denial response or close 1008."""
+    body = json.dumps(problem, separators=(",", ":")).encode()
+    all_headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *headers,
+    ]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": all_headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    # A websocket handshake: take the connect message, then refuse.
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": all_headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": problem["title"]})

@@ -1,0 +1,243 @@
+"""Rules: which limits apply to which requests, and under which key.
+
+A Rule is compiled once, when the middleware is built: its path becomes a regex, its limit
+strings become policies, and every mistake raises ConfigurationError naming the rule.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+from starlette.requests import HTTPConnection
+from starlette.routing import compile_path
+
+from .errors import ConfigurationError
+from .headers import policy_item, sf_string
+from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
+
+__all__ = ["CompiledLimits", "Rule", "rate_limit"]
+
+LimitSpec = Union[str, Policy]  # noqa: UP007 - a runtime alias, and Python 3.10 is supported
+Limits = Union[LimitSpec, Sequence[LimitSpec]]  # noqa: UP007
+DynamicLimits = Callable[[HTTPConnection], Limits]
+KeyFunc = Callable[[HTTPConnection], Union[str, Awaitable[Union[str, None]], None]]  # noqa: UP007
+CostFunc = Callable[[HTTPConnection], int]
+
+_HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+
+
+@dataclass(frozen=True)
+class CompiledLimits:
+    """A rule's policies with their preformatted header parts."""
+
+    policies: tuple[Policy, ...]
+    policy_items: tuple[str, ...]  # RateLimit-Policy items
+    item_names: tuple[str, ...]  # the same names as RFC 9651 Strings, for RateLimit
+
+
+def _default_key() -> KeyFunc:
+    from .extractors import ClientIP
+
+    extractor: KeyFunc = ClientIP()
+    return extractor
+
+
+class Rule:
+    """Limits for the requests whose path (and method) match.
+
+    Args:
+        path: a Starlette path template (``"/users/{id}"``, ``"/files/{rest:path}"``) or a compiled regex.
+        limits: a limit string (``"100/minute"``), a policy, a list of them, or a callable of the
+            request returning them (e.g. tiers by plan).
+        key: the key extractor; a sync or async callable of the request returning a string, or
+            None when the rule does not apply to that request.  Default: ``ClientIP()``.
+        methods: the HTTP methods the rule applies to; ``None`` for all.
+        algorithm: the algorithm of limit strings (``"sliding_window"`` by default).
+        cost: units each request takes: an int or a callable of the request.
+        name: the name used in headers and metrics; derived from the path when absent.
+        fail_open: overrides the middleware's ``fail_open`` for this rule when not None.
+    """
+
+    def __init__(
+        self,
+        path: str | re.Pattern[str],
+        limits: Limits | DynamicLimits,
+        *,
+        key: KeyFunc | None = None,
+        methods: Iterable[str] | None = None,
+        algorithm: str = "sliding_window",
+        cost: int | CostFunc = 1,
+        name: str | None = None,
+        fail_open: bool | None = None,
+    ) -> None:
+        self.path = path
+        if isinstance(path, re.Pattern):
+            self.regex = path
+            derived = path.pattern
+        elif isinstance(path, str) and path.startswith("/"):
+            try:
+                self.regex = compile_path(path)[0]
+            except (ValueError, AssertionError) as exc:
+                raise ConfigurationError(f"Rule {path!r}: invalid path template: {exc}") from exc
+            derived = path
+        else:
+            raise ConfigurationError(
+                f"Rule {path!r}: the path must be a template starting with '/' or a compiled regex."
+            )
+        self.name = derived if name is None else name
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigurationError(f"Rule {derived!r}: name must be a non-empty string, got {name!r}.")
+        label = f"Rule {self.name!r}"
+        if algorithm not in ALGORITHMS:
+            raise ConfigurationError(
+                f"{label}: unknown algorithm {algorithm!r}; choose one of {', '.join(sorted(ALGORITHMS))}."
+            )
+        self.algorithm = algorithm
+        self.key: KeyFunc = _default_key() if key is None else key
+        if not callable(self.key):
+            raise ConfigurationError(f"{label}: key must be a callable of the request, got {key!r}.")
+        self.key_is_async = _is_async(self.key)
+        self.methods: frozenset[str] | None = None
+        if methods is not None:
+            if isinstance(methods, str):
+                raise ConfigurationError(f"{label}: methods must be a list such as ['POST'], got {methods!r}.")
+            upper = frozenset(m.upper() for m in methods)
+            unknown = upper - _HTTP_METHODS
+            if unknown:
+                raise ConfigurationError(f"{label}: unknown HTTP method(s) {sorted(unknown)!r}.")
+            # A GET route answers HEAD too; limit both alike.
+            self.methods = upper | {"HEAD"} if "GET" in upper else upper
+        if callable(cost) and not isinstance(cost, (int, bool)):
+            self.cost: int | CostFunc = cost
+        elif isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+            raise ConfigurationError(f"{label}: cost must be a whole number of at least 1 or a callable, got {cost!r}.")
+        else:
+            self.cost = cost
+        if fail_open is not None and not isinstance(fail_open, bool):
+            raise ConfigurationError(f"{label}: fail_open must be True, False or None, got {fail_open!r}.")
+        self.fail_open = fail_open
+        self.concurrency: Concurrency | None = None
+        self.dynamic: DynamicLimits | None = None
+        self.static: CompiledLimits | None = None
+        self._dynamic_cache: dict[Any, CompiledLimits] = {}
+        if callable(limits) and not isinstance(limits, (str, Policy, Concurrency)):
+            self.dynamic = limits
+        else:
+            self.static = self.compile_limits(limits)
+
+    def __repr__(self) -> str:
+        return f"Rule({self.path!r}, name={self.name!r})"
+
+    def matches(self, method: str, path: str) -> bool:
+        """Whether this rule applies to a request of ``method`` on ``path``."""
+        if self.methods is not None and method not in self.methods:
+            return False
+        return self.regex.match(path) is not None
+
+    def limits_for(self, request: HTTPConnection) -> CompiledLimits:
+        """The compiled limits for this request (static, or from the rule's callable, cached)."""
+        if self.static is not None:
+            return self.static
+        assert self.dynamic is not None
+        spec = self.dynamic(request)
+        cache_key = tuple(spec) if isinstance(spec, (list, tuple)) else spec
+        compiled = self._dynamic_cache.get(cache_key)
+        if compiled is None:
+            compiled = self.compile_limits(spec)
+            if len(self._dynamic_cache) < 1024:  # tiers are few; never let this grow unbounded
+                self._dynamic_cache[cache_key] = compiled
+        return compiled
+
+    def compile_limits(self, limits: Limits | Concurrency | Sequence[LimitSpec | Concurrency]) -> CompiledLimits:
+        """Parse and validate limits, and preformat their header items."""
+        label = f"Rule {self.name!r}"
+        specs: Sequence[Any] = [limits] if isinstance(limits, (str, Policy, Concurrency)) else limits
+        if not isinstance(specs, (list, tuple)) or not specs:
+            raise ConfigurationError(
+                f"{label}: limits must be a limit string, a policy or a non-empty list, got {limits!r}."
+            )
+        policies: list[Policy] = []
+        for spec in specs:
+            if isinstance(spec, Policy):
+                policies.append(spec)
+            elif isinstance(spec, Concurrency):
+                if self.concurrency is not None and self.concurrency != spec:
+                    raise ConfigurationError(f"{label}: only one Concurrency limit per rule, got {limits!r}.")
+                self.concurrency = spec
+            elif isinstance(spec, str):
+                try:
+                    policies.append(parse_limit(spec, self.algorithm))
+                except ConfigurationError as exc:
+                    raise ConfigurationError(f"{label}: {exc}") from None
+            else:
+                raise ConfigurationError(f"{label}: {spec!r} is neither a limit string nor a policy.")
+        if len(set(policies)) != len(policies):
+            raise ConfigurationError(f"{label}: the same limit appears twice in {limits!r}.")
+        names = _item_names(self.name, policies)
+        return CompiledLimits(
+            policies=tuple(policies),
+            policy_items=tuple(policy_item(n, p.quota, p.window_seconds) for n, p in zip(names, policies, strict=True)),
+            item_names=tuple(sf_string(n) for n in names),
+        )
+
+    def cost_for(self, request: HTTPConnection) -> int:
+        """The units this request takes."""
+        if isinstance(self.cost, int):
+            return self.cost
+        value = self.cost(request)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigurationError(
+                f"Rule {self.name!r}: the cost callable returned {value!r}, not a whole number >= 1."
+            )
+        return value
+
+
+def _item_names(name: str, policies: Sequence[Policy]) -> list[str]:
+    """One header name per policy: the rule's name, suffixed with the window when there are several."""
+    if len(policies) == 1:
+        return [name]
+    names = []
+    for index, policy in enumerate(policies):
+        candidate = f"{name}:{policy.window_seconds}s"
+        names.append(candidate if candidate not in names else f"{candidate}:{index}")
+    return names
+
+
+def _is_async(func: Callable[..., Any]) -> bool:
+    call = getattr(func, "__call__", None)  # noqa: B004 - instances with an async __call__
+    return inspect.iscoroutinefunction(func) or (call is not None and inspect.iscoroutinefunction(call))
+
+
+ROUTE_MARKER = "__asgi_ratelimit_rules__"
+
+
+def rate_limit(
+    limits: Limits | DynamicLimits,
+    *,
+    key: KeyFunc | None = None,
+    algorithm: str = "sliding_window",
+    cost: int | CostFunc = 1,
+    name: str | None = None,
+    fail_open: bool | None = None,
+) -> Callable[[Any], Any]:
+    """Mark a Starlette or FastAPI endpoint with a limit; RateLimitMiddleware finds it among the app's routes.
+
+    The limits are validated here, when the module defining the endpoint is imported.
+    """
+    # Validate now, so a bad limit fails at import time; the middleware builds the real Rule
+    # with the route's path and methods.
+    Rule("/", limits, key=key, algorithm=algorithm, cost=cost, name=name or "route", fail_open=fail_open)
+
+    def mark(endpoint: Any) -> Any:
+        marks = list(getattr(endpoint, ROUTE_MARKER, ()))
+        marks.append(
+            {"limits": limits, "key": key, "algorithm": algorithm, "cost": cost, "name": name, "fail_open": fail_open}
+        )
+        setattr(endpoint, ROUTE_MARKER, marks)
+        return endpoint
+
+    return mark

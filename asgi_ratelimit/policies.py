@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar, Union
+from typing import ClassVar
 
 from .errors import ConfigurationError
 
@@ -124,6 +124,11 @@ class TokenBucket(Policy):
             raise ConfigurationError(f"{owner}: refill_rate must be between 0.000001 and {_MAX_COUNT:,}, got {rate!r}.")
         # Tokens are stored in micro-tokens; refill_rate tokens/s is refill_rate micro-tokens/us.
         full_us = math.ceil(self.capacity * MICROS / rate)
+        if full_us > _MAX_WINDOW_US:
+            raise ConfigurationError(
+                f"{owner}: an empty bucket must refill within {_MAX_WINDOW_US // MICROS} seconds, "
+                f"but capacity / refill_rate is {self.capacity / rate!r} seconds."
+            )
         self._finish(self.capacity, full_us, self.capacity, float(rate), self.capacity)
 
 
@@ -163,6 +168,13 @@ class GCRA(Policy):
         burst = self.limit if self.burst is None else _check_count(owner, "burst", self.burst)
         # The emission interval is rounded up, so the rate never exceeds limit/period.
         interval_us = -(-period_us // self.limit)
+        # The tolerance (burst intervals) bounds every time the script computes; twice the
+        # longest window leaves room for the interval's rounding up at the longest period.
+        if burst * interval_us > 2 * _MAX_WINDOW_US:
+            raise ConfigurationError(
+                f"{owner}: burst * period / limit must be at most {2 * _MAX_WINDOW_US // MICROS} seconds, "
+                f"got burst={burst!r}."
+            )
         self._finish(burst, burst * interval_us, burst, interval_us, burst)
 
 
@@ -223,14 +235,15 @@ ALGORITHMS: dict[str, type[Policy]] = {
 _UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
 _LIMIT_RE = re.compile(
     r"""^\s*(?P<count>\d+)\s*(?:/|per)\s*(?P<mult>\d+(?:\.\d+)?\s*)?(?P<unit>second|minute|hour|day)s?\s*$""",
-    re.IGNORECASE,
+    # ASCII: \d would otherwise accept the digits of every script (Arabic-Indic, Devanagari...).
+    re.IGNORECASE | re.ASCII,
 )
 _GRAMMAR = (
     'a count, "/" or "per", an optional number, and a unit (second, minute, hour or day, '
     'plural allowed): "10/second", "100/minute", "5 per 10 seconds"'
 )
 
-LimitSpec = Union[str, Policy]
+LimitSpec = str | Policy
 
 
 def parse_limit(text: str, algorithm: str = "sliding_window") -> Policy:
@@ -240,9 +253,7 @@ def parse_limit(text: str, algorithm: str = "sliding_window") -> Policy:
     for ``gcra`` the burst equals the count.
     """
     if algorithm not in ALGORITHMS:
-        raise ConfigurationError(
-            f"Unknown algorithm {algorithm!r}: choose one of {', '.join(sorted(ALGORITHMS))}."
-        )
+        raise ConfigurationError(f"Unknown algorithm {algorithm!r}: choose one of {', '.join(sorted(ALGORITHMS))}.")
     match = _LIMIT_RE.match(text) if isinstance(text, str) else None
     if match is None:
         raise ConfigurationError(f"Invalid limit {text!r}: expected {_GRAMMAR}.")

@@ -38,14 +38,20 @@ class Backend(Protocol):
 
 def check_hits(hits: Sequence[Hit]) -> None:
     """Reject entries the scripts cannot decide correctly (a bad cost, one state key twice)."""
-    seen: set[tuple[str, Policy]] = set()
+    # Two policies that differ only in ways their parameters do not keep (GCRA(10, 1) and
+    # GCRA(10, 1, burst=10)) share a state key: both would be decided on the old state and
+    # the second write would undo the first, so the comparison is on the key, not the policy.
+    seen: set[tuple[str, str]] = set()
     for identity, policy, cost in hits:
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
             raise ConfigurationError(f"The cost of a hit must be a whole number of at least 1, got {cost!r}.")
         if len(hits) > 1:
-            if (identity, policy) in seen:
-                raise ConfigurationError(f"{policy!r} appears twice for one key in a single hit.")
-            seen.add((identity, policy))
+            state = (identity, policy.key_suffix)
+            if state in seen:
+                raise ConfigurationError(
+                    f"{policy!r} appears twice for one key in a single hit (or with another policy of the same state)."
+                )
+            seen.add(state)
 
 
 def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decision]:

@@ -1,0 +1,252 @@
+"""Policies: validation, the derived parameters both backends share, parse_limit, Decision, keys."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from asgi_ratelimit import (
+    GCRA,
+    ConfigurationError,
+    Decision,
+    FixedWindow,
+    SlidingWindow,
+    SlidingWindowCounter,
+    TokenBucket,
+    parse_limit,
+)
+from asgi_ratelimit._keys import digest, state_key
+from asgi_ratelimit.backends.base import check_hits, decisions_from_flat
+from asgi_ratelimit.policies import Concurrency, Policy
+
+# (constructor, the field its message must name, the bad value as the message quotes it)
+INVALID_POLICIES = [
+    (lambda: FixedWindow(0, 60), "limit", "0"),
+    (lambda: FixedWindow(-5, 60), "limit", "-5"),
+    (lambda: FixedWindow(1.5, 60), "limit", "1.5"),  # type: ignore[arg-type]
+    (lambda: FixedWindow(True, 60), "limit", "True"),
+    (lambda: FixedWindow("10", 60), "limit", "'10'"),  # type: ignore[arg-type]
+    (lambda: FixedWindow(1_000_000_001, 60), "limit", "1000000001"),
+    (lambda: FixedWindow(10, 0), "window", "0"),
+    (lambda: FixedWindow(10, -1), "window", "-1"),
+    (lambda: FixedWindow(10, 0.0001), "window", "0.0001"),
+    (lambda: FixedWindow(10, math.nan), "window", "nan"),
+    (lambda: FixedWindow(10, math.inf), "window", "inf"),
+    (lambda: FixedWindow(10, "60"), "window", "'60'"),  # type: ignore[arg-type]
+    (lambda: FixedWindow(10, 366 * 86400 + 1), "window", "31622401"),
+    (lambda: SlidingWindow(0, 1), "limit", "0"),
+    (lambda: SlidingWindow(5, 0), "window", "0"),
+    (lambda: SlidingWindowCounter(0, 1), "limit", "0"),
+    (lambda: SlidingWindowCounter(5, None), "window", "None"),  # type: ignore[arg-type]
+    (lambda: GCRA(0, 1), "limit", "0"),
+    (lambda: GCRA(10, 0), "period", "0"),
+    (lambda: GCRA(10, 1, burst=0), "burst", "0"),
+    (lambda: GCRA(10, 1, burst=2.5), "burst", "2.5"),  # type: ignore[arg-type]
+    # A tolerance (burst intervals) beyond two years would leave the scripts' exact range.
+    (lambda: GCRA(1, 366 * 86400, burst=3), "burst", "3"),
+    (lambda: TokenBucket(0, 1), "capacity", "0"),
+    (lambda: TokenBucket(10, 0), "refill_rate", "0"),
+    (lambda: TokenBucket(10, -1), "refill_rate", "-1"),
+    (lambda: TokenBucket(10, math.inf), "refill_rate", "inf"),
+    (lambda: TokenBucket(10, "1"), "refill_rate", "'1'"),  # type: ignore[arg-type]
+    (lambda: TokenBucket(10, 1e-7), "refill_rate", "1e-07"),
+    # An empty bucket that takes longer than the longest window to fill.
+    (lambda: TokenBucket(1_000_000_000, 1e-6), "refill_rate", "1e-06"),
+    (lambda: Concurrency(0, 30), "limit", "0"),
+    (lambda: Concurrency(10, 0), "timeout", "0"),
+]
+
+
+@pytest.mark.parametrize(("build", "field_name", "quoted"), INVALID_POLICIES)
+def test_invalid_policy_raises_configuration_error_naming_field_and_value(
+    build: object, field_name: str, quoted: str
+) -> None:
+    assert callable(build)
+    with pytest.raises(ConfigurationError) as info:
+        build()
+    message = str(info.value)
+    assert isinstance(info.value, ValueError)
+    assert field_name in message
+    assert quoted in message
+
+
+@pytest.mark.parametrize(
+    ("policy", "quota", "window_seconds", "capacity", "params"),
+    [
+        (FixedWindow(10, 60), 10, 60, 10, ("10", "60000000")),
+        (SlidingWindow(5, 0.5), 5, 1, 5, ("5", "500000")),
+        (SlidingWindowCounter(100, 3600), 100, 3600, 100, ("100", "3600000000")),
+        # The emission interval rounds up: 1 s / 3 is 333,334 us, never a faster rate.
+        (GCRA(3, 1), 3, 2, 3, ("333334", "3")),
+        (GCRA(10, 60, burst=2), 2, 12, 2, ("6000000", "2")),
+        # Token bucket: quota = capacity, window = time to fill from empty, rate in tokens/s.
+        (TokenBucket(10, 2), 10, 5, 10, ("2.0", "10")),
+        (TokenBucket(3, 3 / 11), 3, 11, 3, ("0.2727272727272727", "3")),
+    ],
+)
+def test_derived_parameters(
+    policy: Policy, quota: int, window_seconds: int, capacity: int, params: tuple[str, str]
+) -> None:
+    assert policy.quota == quota
+    assert policy.window_seconds == window_seconds
+    assert policy.capacity == capacity
+    assert policy.params == params
+    assert policy.key_suffix == f"{policy.code}:{params[0]}:{params[1]}"
+
+
+def test_policies_are_frozen_and_hashable() -> None:
+    policy = FixedWindow(10, 60)
+    with pytest.raises(AttributeError):
+        policy.limit = 11  # type: ignore[misc]
+    assert {policy: 1}[FixedWindow(10, 60)] == 1
+
+
+def test_policy_key_suffixes_differ_by_algorithm_and_parameters() -> None:
+    policies = [
+        FixedWindow(10, 60),
+        FixedWindow(10, 61),
+        FixedWindow(11, 60),
+        SlidingWindow(10, 60),
+        SlidingWindowCounter(10, 60),
+        GCRA(10, 60),
+        GCRA(10, 60, burst=5),
+        TokenBucket(10, 1),
+    ]
+    assert len({p.key_suffix for p in policies}) == len(policies)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10/second", SlidingWindow(10, 1)),
+        ("100/minute", SlidingWindow(100, 60)),
+        ("5000/hour", SlidingWindow(5000, 3600)),
+        ("10000/day", SlidingWindow(10000, 86400)),
+        ("5 per 10 seconds", SlidingWindow(5, 10)),
+        ("5 per 10 second", SlidingWindow(5, 10)),
+        ("2/seconds", SlidingWindow(2, 1)),
+        ("100/Minute", SlidingWindow(100, 60)),
+        ("100 PER MINUTE", SlidingWindow(100, 60)),
+        ("  7 / 2 hours  ", SlidingWindow(7, 7200)),
+        ("3 per 1.5 minutes", SlidingWindow(3, 90)),
+        ("1 per 0.5 seconds", SlidingWindow(1, 0.5)),
+        ("1/day", SlidingWindow(1, 86400)),
+    ],
+)
+def test_parse_limit(text: str, expected: Policy) -> None:
+    assert parse_limit(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "expected"),
+    [
+        ("sliding_window", SlidingWindow(100, 60)),
+        ("fixed_window", FixedWindow(100, 60)),
+        ("sliding_window_counter", SlidingWindowCounter(100, 60)),
+        ("gcra", GCRA(100, 60)),
+        ("token_bucket", TokenBucket(100, 100 / 60)),
+    ],
+)
+def test_parse_limit_algorithms(algorithm: str, expected: Policy) -> None:
+    policy = parse_limit("100/minute", algorithm)
+    assert policy == expected
+    assert type(policy) is type(expected)
+    assert policy.quota == 100
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "10",
+        "ten/second",
+        "10/fortnight",
+        "10/sec",
+        "10 per",
+        "/second",
+        "-1/second",
+        "1.5/second",
+        "10//second",
+        "10 / 0 seconds",
+        "0/second",
+        "10/second extra",
+        "\u0661\u0660/second",  # Arabic-Indic digits: not ASCII
+        "10/-5 seconds",
+    ],
+)
+def test_parse_limit_rejects_bad_text_quoting_it(text: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        parse_limit(text)
+    assert repr(text) in str(info.value)
+
+
+def test_parse_limit_rejects_values_out_of_range_naming_the_field() -> None:
+    with pytest.raises(ConfigurationError, match=re.escape("limit must be between 1 and 1,000,000,000")):
+        parse_limit("2000000000/second")
+    with pytest.raises(ConfigurationError, match="window"):
+        parse_limit("1 per 400 days")
+
+
+def test_parse_limit_rejects_non_strings_and_unknown_algorithms() -> None:
+    with pytest.raises(ConfigurationError, match="Invalid limit 10"):
+        parse_limit(10)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="Unknown algorithm 'leaky'") as info:
+        parse_limit("10/second", "leaky")
+    assert "token_bucket" in str(info.value)
+
+
+def test_decision_never_and_equality() -> None:
+    never = Decision(allowed=False, limit=5, remaining=5, retry_after=math.inf, reset_after=0)
+    later = Decision(allowed=False, limit=5, remaining=0, retry_after=1.5, reset_after=2)
+    assert never.never is True
+    assert later.never is False
+    # The policy is carried along but does not take part in equality.
+    assert Decision(True, 5, 4, 0, 1, policy=FixedWindow(5, 1)) == Decision(True, 5, 4, 0, 1)
+
+
+def test_decisions_from_flat_converts_microseconds_exactly() -> None:
+    policy = FixedWindow(3, 10)
+    hits = [("k", policy, 1), ("k", SlidingWindow(3, 10), 4)]
+    decisions = decisions_from_flat(hits, [1, 0, 2, 9_999_999, 0, -1, 3, 1])
+    assert decisions[0] == Decision(True, 3, 2, 0, 9.999999)
+    assert decisions[0].policy is policy
+    assert decisions[1] == Decision(False, 3, 3, math.inf, 0.000001)
+    assert decisions[1].never
+
+
+@pytest.mark.parametrize("cost", [0, -1, 1.0, True, "1", None])
+def test_check_hits_rejects_bad_costs(cost: object) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(repr(cost))):
+        check_hits([("k", FixedWindow(1, 1), cost)])  # type: ignore[list-item]
+
+
+def test_check_hits_rejects_one_state_key_twice() -> None:
+    with pytest.raises(ConfigurationError, match="twice"):
+        check_hits([("k", FixedWindow(1, 1), 1), ("k", FixedWindow(1, 1), 1)])
+    # Unequal policies with the same state: decided on one old state, the second write would
+    # undo the first and let the key over-admit.
+    assert GCRA(10, 1) != GCRA(10, 1, burst=10)
+    with pytest.raises(ConfigurationError, match="twice"):
+        check_hits([("k", GCRA(10, 1), 1), ("k", GCRA(10, 1, burst=10), 1)])
+    # The same policy for two identities is two states.
+    check_hits([("a", FixedWindow(1, 1), 1), ("b", FixedWindow(1, 1), 1)])
+
+
+@pytest.mark.parametrize(
+    "identity",
+    ["203.0.113.7", "", "{tag}", "}{", "a" * 100_000, "ünïcødé ✓ 🚦", "\ud800 lone surrogate", "0" * 24],
+)
+def test_keys_hash_identities_to_fixed_size(identity: str) -> None:
+    hashed = digest(identity)
+    assert re.fullmatch(r"[0-9a-f]{24}", hashed)
+    key = state_key("rl:", hashed, FixedWindow(10, 60))
+    assert key == f"rl:{{{hashed}}}:4:10:60000000"
+    if identity:
+        assert identity not in key
+
+
+def test_digest_is_stable_and_distinguishes_identities() -> None:
+    assert digest("alice") == digest("alice")
+    assert len({digest(s) for s in ("alice", "Alice", "alice ", "bob", "")}) == 5

@@ -43,6 +43,22 @@ def _window_index(now: int, window: int) -> int:
     return now // window
 
 
+def _refill_time(deficit: int, rate: float) -> int:
+    """The fewest whole microseconds after which the refill, floor(elapsed * rate), reaches ``deficit``.
+
+    Searched on the same double arithmetic as the refill (and as hit.lua): ceil(deficit / rate)
+    alone can fall a microsecond short, or overshoot by one.
+    """
+    if deficit <= 0:
+        return 0
+    elapsed = math.ceil(deficit / rate)
+    while math.floor(elapsed * rate) < deficit:
+        elapsed += 1
+    while elapsed > 0 and math.floor((elapsed - 1) * rate) >= deficit:
+        elapsed -= 1
+    return elapsed
+
+
 def system_clock_us() -> int:
     """Wall-clock time in integer microseconds, the epoch Redis's TIME uses."""
     return time.time_ns() // 1000
@@ -144,7 +160,7 @@ class MemoryBackend:
     def _sweep(self, now: int, budget: int = 512) -> None:
         """Drop expired keys among the least recently written ones."""
         store = self._store
-        expired = [key for key, _ in zip(store, range(budget)) if store[key][0] <= now]
+        expired = [key for key, _ in zip(store, range(budget), strict=False) if store[key][0] <= now]
         for key in expired:
             del store[key]
 
@@ -155,25 +171,23 @@ class MemoryBackend:
         capacity = int(policy.params[1])
         full = capacity * SCALE
         state = self._get(key, now)
-        if state is None:
-            tokens, stamp = full, now
-        else:
-            tokens, stamp = state
-            if now > stamp:
-                tokens = min(full, tokens + math.floor((now - stamp) * rate))
-                stamp = now
+        stored, stamp = (full, now) if state is None else state
+        tokens = stored
+        if now > stamp:
+            tokens = min(full, stored + math.floor((now - stamp) * rate))
         need = cost * SCALE
         remaining = tokens // SCALE
-        reset = math.ceil((full - tokens) / rate)
+        # Waits are counted from the stored stamp, as the refill is, so that they are exact.
+        reset = stamp + _refill_time(full - stored, rate) - now if tokens < full else 0
         if need > full:
             return 0, -1, remaining, reset, 0, 0, None
         if tokens < need:
-            return 0, math.ceil((need - tokens) / rate), remaining, reset, 0, 0, None
+            return 0, stamp + _refill_time(need - stored, rate) - now, remaining, reset, 0, 0, None
         left = tokens - need
-        reset_after = math.ceil((full - left) / rate)
+        reset_after = _refill_time(full - left, rate)
 
         def write() -> None:
-            self._set(key, (left, stamp), now, reset_after)
+            self._set(key, (left, now), now, reset_after)
 
         return 1, 0, remaining, reset, left // SCALE, reset_after, write
 
@@ -258,7 +272,9 @@ class MemoryBackend:
             if spare >= 0:
                 wait = math.ceil(window - float(spare) * float(window) / float(previous) - elapsed)
             else:
-                wait = window - elapsed + max(0, math.ceil(window - float(limit - cost) * float(window) / float(current)))
+                wait = (
+                    window - elapsed + max(0, math.ceil(window - float(limit - cost) * float(window) / float(current)))
+                )
             return 0, max(1, wait), remaining, reset, 0, 0, None
         after = current + cost
         reset_after = 2 * window - elapsed

@@ -79,10 +79,13 @@ class RedisBackend:
     async def hit_many(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
         check_hits(hits)
+        if not hits:
+            # Nothing to decide; some proxies reject a script call without keys.
+            return []
         keys, args = self._script_call(hits)
         try:
             flat = await self._script(keys=keys, args=args)
-        except redis_errors.RedisError as exc:
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             raise BackendError(f"Redis failed to decide a hit: {type(exc).__name__}: {exc}") from exc
         return decisions_from_flat(hits, flat)
 

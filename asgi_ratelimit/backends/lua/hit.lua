@@ -43,31 +43,54 @@ local function window_index(now, window)
   return index
 end
 
+-- The fewest whole microseconds after which the refill, floor(elapsed * rate), reaches
+-- `deficit`.  It is searched on the same double arithmetic the refill uses: ceil(deficit / rate)
+-- alone can fall a microsecond short (a retry at retry_after denied again, a key expiring
+-- before its bucket is full), or overshoot by one.
+local function refill_time(deficit, rate)
+  if deficit <= 0 then
+    return 0
+  end
+  local elapsed = math.ceil(deficit / rate)
+  while math.floor(elapsed * rate) < deficit do
+    elapsed = elapsed + 1
+  end
+  while elapsed > 0 and math.floor((elapsed - 1) * rate) >= deficit do
+    elapsed = elapsed - 1
+  end
+  return elapsed
+end
+
 local function token_bucket(key, now, cost, rate, capacity)
   local full = capacity * SCALE
   local state = redis.call('HMGET', key, 't', 'ts')
-  local tokens = tonumber(state[1])
+  local stored = tonumber(state[1])
   local stamp = tonumber(state[2])
-  if tokens == nil or stamp == nil then
-    tokens = full
+  if stored == nil or stamp == nil then
+    stored = full
     stamp = now
-  elseif now > stamp then
-    tokens = math.min(full, tokens + math.floor((now - stamp) * rate))
-    stamp = now
+  end
+  local tokens = stored
+  if now > stamp then
+    tokens = math.min(full, stored + math.floor((now - stamp) * rate))
   end
   local need = cost * SCALE
   local remaining = math.floor(tokens / SCALE)
-  local reset = math.ceil((full - tokens) / rate)
+  -- Waits are counted from the stored stamp, as the refill is, so that they are exact.
+  local reset = 0
+  if tokens < full then
+    reset = stamp + refill_time(full - stored, rate) - now
+  end
   if need > full then
     return 0, -1, remaining, reset
   end
   if tokens < need then
-    return 0, math.ceil((need - tokens) / rate), remaining, reset
+    return 0, stamp + refill_time(need - stored, rate) - now, remaining, reset
   end
   local left = tokens - need
-  local reset_after = math.ceil((full - left) / rate)
+  local reset_after = refill_time(full - left, rate)
   return 1, 0, remaining, reset, math.floor(left / SCALE), reset_after, function()
-    redis.call('HSET', key, 't', string.format('%.17g', left), 'ts', string.format('%.17g', stamp))
+    redis.call('HSET', key, 't', string.format('%.17g', left), 'ts', string.format('%.17g', now))
     redis.call('PEXPIRE', key, ttl_ms(reset_after))
   end
 end
@@ -90,11 +113,16 @@ local function sliding_window(key, now, cost, limit, window)
   end
   return 1, 0, limit - count, reset, limit - count - cost, window, function()
     redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.17g', now - window))
-    -- Each admitted unit needs its own member: the live count makes it unique at this instant.
+    -- Each admitted unit needs its own member.  The members of one score are always
+    -- "<score>-1" .. "<score>-n" (a score's members are added together and removed together),
+    -- so numbering on from how many share this score keeps them unique whatever order the
+    -- clocks of several clients run in; the live count alone could repeat a member.
+    local score = string.format('%.17g', now)
+    local same = redis.call('ZCOUNT', key, score, score)
     local args = {}
     for unit = 1, cost do
-      args[#args + 1] = string.format('%.17g', now)
-      args[#args + 1] = string.format('%.17g-%d', now, count + unit)
+      args[#args + 1] = score
+      args[#args + 1] = string.format('%s-%d', score, same + unit)
       if #args >= 200 or unit == cost then
         redis.call('ZADD', key, unpack(args))
         args = {}

@@ -2,6 +2,7 @@
 
 from .backends import Backend, MemoryBackend, RedisBackend
 from .errors import BackendError, ConfigurationError
+from .health import operations_app
 from .middleware import RateLimitMiddleware
 from .policies import (
     GCRA,
@@ -32,6 +33,7 @@ __all__ = [
     "SlidingWindow",
     "SlidingWindowCounter",
     "TokenBucket",
+    "operations_app",
     "parse_limit",
     "rate_limit",
 ]

@@ -1,24 +1,78 @@
-"""The guarded decision that the middleware and the service share: a time budget around backend.hit_many().
+"""The guarded decision that the middleware and the service share: a time budget and a circuit breaker around
+backend.hit_many(), with metrics and rate-limited logging.
 
 A backend call that does not answer within ``timeout`` is abandoned, not awaited: awaiting a
 cancelled redis-py call can take the socket's whole timeout (correctness rule 22), so the
 request returns at the budget and the call finishes, or fails, in the background.
+
+Abandoned calls cannot pile up: after ``breaker_threshold`` consecutive failures (or once
+``max_abandoned`` abandoned calls are still running) the breaker opens and no new call is made
+for ``breaker_cooldown`` seconds.  Then one call goes through as a probe (half-open) while every
+other request fails at once; the probe's success closes the breaker, its failure opens it again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Final, Literal, TypeVar
 
+from prometheus_client import CollectorRegistry
+from redis import exceptions as redis_errors
+
+from ._keys import digest
 from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
+from .metrics import ErrorKind, LimiterMetrics, Result, metrics_for
 from .policies import Decision
 
-__all__ = ["Limiter"]
+__all__ = ["Limiter", "error_kind"]
 
 logger = logging.getLogger("asgi_ratelimit")
+
+T = TypeVar("T")
+BreakerState = Literal["closed", "open", "half_open"]
+
+CLOSED: Final = "closed"
+OPEN: Final = "open"
+HALF_OPEN: Final = "half_open"
+_STATE_VALUES: Final[dict[str, int]] = {CLOSED: 0, OPEN: 1, HALF_OPEN: 2}
+
+#: (rule name, identity, number of policies) for each rule a request applied, in the order of its hits.
+Span = tuple[str, str, int]
+
+
+class _Abandoned(BackendError):
+    """The backend did not answer within the budget."""
+
+
+class _BreakerOpen(BackendError):
+    """The breaker is open (or a probe is in flight): the backend was not called."""
+
+
+def error_kind(exc: BaseException) -> ErrorKind:
+    """The bounded kind of a backend failure, for the errors metric: timeout, connection, script or other."""
+    if isinstance(exc, _Abandoned):
+        return "timeout"
+    if isinstance(exc, _BreakerOpen):
+        return "breaker_open"
+    seen: BaseException | None = exc
+    for _ in range(8):  # follow ``raise ... from`` a few levels, never a cycle
+        if seen is None:
+            break
+        # Timeouts first: the builtin TimeoutError is also an OSError.
+        if isinstance(seen, (redis_errors.TimeoutError, TimeoutError, asyncio.TimeoutError)):
+            return "timeout"
+        if isinstance(seen, (redis_errors.ConnectionError, ConnectionError, OSError)):
+            return "connection"
+        if isinstance(seen, redis_errors.ResponseError):
+            return "script"  # the server refused the script call: NOSCRIPT, OOM, CROSSSLOT, a Lua error
+        seen = seen.__cause__
+    return "other"
 
 
 def _release(future: asyncio.Future[None]) -> None:
@@ -26,49 +80,292 @@ def _release(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _swallow(task: asyncio.Task[list[Decision]]) -> None:
-    # An abandoned call's outcome has nobody to go to; retrieve it so asyncio does not warn.
-    if not task.cancelled():
-        task.exception()
+def _check_number(name: str, value: object, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
+        raise ConfigurationError(
+            f"{name} must be a number of seconds above {low:g} and at most {high:g}, got {value!r}."
+        )
+    return float(value)
 
 
 class Limiter:
-    """Decides hits on a backend within a time budget.
+    """Decides hits on a backend within a time budget, behind a circuit breaker.
 
     Args:
         backend: the storage.
-        timeout: seconds a decision may take before the backend counts as failed.
+        timeout: seconds a decision may take before the backend counts as failed (default 0.05).
+        breaker_threshold: consecutive failures that open the circuit breaker (default 5).
+        breaker_cooldown: seconds the open breaker waits before letting one probe through (default 1.0).
+        registry: the Prometheus registry to count on; None (the default here) counts nothing.
+        log_interval: the least number of seconds between two log lines about a failing backend.
+        max_abandoned: abandoned calls still running that open the breaker, whatever the failure count.
+        clock: a monotonic clock in seconds for the breaker and the log throttle (tests inject one).
     """
 
-    def __init__(self, backend: Backend, *, timeout: float = 0.05) -> None:
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= 60:
-            raise ConfigurationError(f"timeout must be a number of seconds between 0 and 60, got {timeout!r}.")
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        timeout: float = 0.05,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 1.0,
+        registry: CollectorRegistry | None = None,
+        log_interval: float = 10.0,
+        max_abandoned: int = 256,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.backend = backend
-        self.timeout = float(timeout)
+        self.timeout = _check_number("timeout", timeout, 0, 60)
+        if isinstance(breaker_threshold, bool) or not isinstance(breaker_threshold, int) or breaker_threshold < 1:
+            raise ConfigurationError(
+                f"breaker_threshold must be a whole number of at least 1, got {breaker_threshold!r}."
+            )
+        self.breaker_threshold = breaker_threshold
+        self.breaker_cooldown = _check_number("breaker_cooldown", breaker_cooldown, 0, 3600)
+        self.log_interval = _check_number("log_interval", log_interval, 0, 86400)
+        if isinstance(max_abandoned, bool) or not isinstance(max_abandoned, int) or max_abandoned < 1:
+            raise ConfigurationError(f"max_abandoned must be a whole number of at least 1, got {max_abandoned!r}.")
+        self.max_abandoned = max_abandoned
+        if not callable(clock):
+            raise ConfigurationError(f"clock must be a callable returning seconds, got {clock!r}.")
+        self._clock = clock
+        self.registry = registry
+        self.metrics: LimiterMetrics | None = None if registry is None else metrics_for(registry)
         # The in-memory backend never waits on I/O: no task, no timer.
         self._in_process = isinstance(backend, MemoryBackend)
 
+        self._state: BreakerState = CLOSED
+        self._failures = 0  # consecutive
+        self._opened_at = 0.0
+        self._probing = False
+        self._abandoned = 0
+        self._ping: asyncio.Task[None] | None = None
+        # Logging: one line per state change, and at most one "still failing" line per interval.
+        self._failing_since: float | None = None
+        self._failed_calls = 0
+        self._unlogged = 0
+        self._last_log = -math.inf
+        if self.metrics is not None:
+            self.metrics.breaker_state.set(0)
+
+    @property
+    def state(self) -> BreakerState:
+        """The circuit breaker's state: ``"closed"``, ``"open"`` or ``"half_open"``."""
+        return self._state
+
+    @property
+    def abandoned(self) -> int:
+        """Backend calls abandoned at the timeout that have not finished yet."""
+        return self._abandoned
+
+    # -- deciding ------------------------------------------------------------------------
+
     async def decide(self, hits: Sequence[Hit]) -> list[Decision]:
-        """Decisions for ``hits``, or BackendError when the backend fails or is too slow."""
-        if self._in_process:
-            return await self.backend.hit_many(hits)
+        """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
+        probe = False
+        if self._state is not CLOSED or self._abandoned >= self.max_abandoned:
+            probe = self._admit()  # raises _BreakerOpen unless this call is the probe
+        metrics = self.metrics
+        started = time.perf_counter()
+        try:
+            if self._in_process:
+                decisions = await self.backend.hit_many(hits)
+            else:
+                decisions = await self._within_budget(self.backend.hit_many(hits))
+        except asyncio.CancelledError:
+            if probe:  # the request went away: the next call probes instead
+                self._probing = False
+                self._set_state(OPEN)
+            raise
+        except BackendError as exc:
+            self._failed(exc, probe, started)
+            raise
+        except Exception as exc:
+            error = _wrap(exc)
+            self._failed(error, probe, started)
+            raise error from exc
+        if metrics is not None:
+            metrics.backend_latency.observe(time.perf_counter() - started)
+        if self._failures or probe or self._failing_since is not None:
+            self._succeeded(probe)
+        return decisions
+
+    async def ping(self) -> float:
+        """Ping the backend within the timeout; the latency in seconds, or BackendError.
+
+        Bypasses the breaker (a health check must see the backend itself), but never runs two
+        pings at once: while an abandoned ping is still running, the next one fails at once.
+        """
+        if self._ping is not None and not self._ping.done():
+            raise _Abandoned("the previous ping has not answered yet")
+        started = time.perf_counter()
+        try:
+            await self._within_budget(self.backend.ping(), keep="_ping")
+        except BackendError:
+            raise
+        except Exception as exc:
+            raise _wrap(exc) from exc
+        return time.perf_counter() - started
+
+    async def _within_budget(self, call: Coroutine[Any, Any, T], keep: str | None = None) -> T:
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self.backend.hit_many(hits))
+        task: asyncio.Task[T] = loop.create_task(call)
+        if keep is not None:
+            setattr(self, keep, task)
         if not task.done():
             waiter: asyncio.Future[None] = loop.create_future()
             task.add_done_callback(lambda _: _release(waiter))
             timer = loop.call_later(self.timeout, _release, waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                # The request itself was cancelled: abandon the call the same way.
+                self._abandon(task)
+                raise
             finally:
                 timer.cancel()
             if not task.done():
-                task.cancel()
-                task.add_done_callback(_swallow)
-                raise BackendError(f"the backend did not answer within {self.timeout * 1000:.0f} ms")
-        try:
-            return task.result()
-        except BackendError:
-            raise
-        except Exception as exc:  # a backend bug must fail like a backend outage, never as a 500
-            raise BackendError(f"the backend failed: {type(exc).__name__}: {exc}") from exc
+                self._abandon(task)
+                raise _Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms")
+        return task.result()
+
+    def _abandon(self, task: asyncio.Task[Any]) -> None:
+        self._abandoned += 1
+        task.cancel()
+        task.add_done_callback(self._abandoned_done)
+
+    def _abandoned_done(self, task: asyncio.Task[Any]) -> None:
+        self._abandoned -= 1
+        # An abandoned call's outcome has nobody to go to; retrieve it so asyncio does not warn.
+        if not task.cancelled():
+            task.exception()
+
+    # -- the breaker -----------------------------------------------------------------------
+
+    def _admit(self) -> bool:
+        """Whether this call may go to the backend as the half-open probe; raises _BreakerOpen otherwise."""
+        if self._state is CLOSED:
+            # Too many abandoned calls still running: stop making new ones.
+            self._open(f"{self._abandoned} abandoned backend calls are still running")
+        if not self._probing and self._clock() - self._opened_at >= self.breaker_cooldown:
+            self._set_state(HALF_OPEN)
+            self._probing = True
+            logger.debug("asgi_ratelimit: circuit breaker half-open, probing the backend")
+            return True
+        error = _BreakerOpen("the circuit breaker is open: the backend is not called")
+        self._count_failure("breaker_open", error)
+        raise error
+
+    def _open(self, why: str) -> None:
+        was = self._state
+        self._opened_at = self._clock()
+        self._set_state(OPEN)
+        if was is CLOSED:
+            logger.warning(
+                "asgi_ratelimit: circuit breaker opened (%s); the backend is not called for %.3g s at a time",
+                why,
+                self.breaker_cooldown,
+            )
+        else:
+            logger.debug("asgi_ratelimit: the probe failed, circuit breaker open again")
+
+    def _set_state(self, state: BreakerState) -> None:
+        self._state = state
+        if self.metrics is not None:
+            self.metrics.breaker_state.set(_STATE_VALUES[state])
+
+    def _failed(self, error: BackendError, probe: bool, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.backend_latency.observe(time.perf_counter() - started)
+        kind = error_kind(error)
+        self._count_failure(kind, error)
+        if probe:
+            self._probing = False
+            self._open("the probe failed")
+            return
+        if self._state is CLOSED:
+            self._failures += 1
+            if self._failures >= self.breaker_threshold:
+                self._open(f"{self._failures} consecutive failures, the last: {kind}")
+        # A call started before the breaker opened changes nothing once it is open.
+
+    def _succeeded(self, probe: bool) -> None:
+        if probe:
+            self._probing = False
+        if self._state is not CLOSED and not probe:
+            return  # a call from before the breaker opened: only the probe may close it
+        self._failures = 0
+        if self._state is not CLOSED:
+            self._set_state(CLOSED)
+        if self._failing_since is not None:
+            logger.info(
+                "asgi_ratelimit: backend recovered after %.1f s (%d calls failed meanwhile); limiting again",
+                self._clock() - self._failing_since,
+                self._failed_calls,
+            )
+            self._failing_since = None
+            self._failed_calls = 0
+            self._unlogged = 0
+
+    def _count_failure(self, kind: ErrorKind, error: BackendError) -> None:
+        if self.metrics is not None:
+            self.metrics.errors[kind].inc()
+        self._failed_calls += 1
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._last_log = now
+            logger.warning("asgi_ratelimit: backend lost (%s: %s)", kind, error)
+            return
+        self._unlogged += 1
+        if now - self._last_log >= self.log_interval:
+            logger.warning(
+                "asgi_ratelimit: backend still failing: %d calls failed in the last %.0f s (last: %s: %s)",
+                self._unlogged,
+                now - self._last_log,
+                kind,
+                error,
+            )
+            self._last_log = now
+            self._unlogged = 0
+
+    # -- counting outcomes -----------------------------------------------------------------
+
+    def count_decisions(self, spans: Sequence[Span], decisions: Sequence[Decision], dry_run: bool) -> None:
+        """Count each applied rule's result (allowed, denied or dry_run_denied) and log denials at DEBUG."""
+        metrics = self.metrics
+        start = 0
+        for name, identity, size in spans:
+            end = start + size
+            allowed = True
+            for index in range(start, end):
+                if not decisions[index].allowed:
+                    allowed = False
+                    break
+            start = end
+            if allowed:
+                if metrics is not None:
+                    metrics.decision(name, "allowed").inc()
+                continue
+            result: Result = "dry_run_denied" if dry_run else "denied"
+            if metrics is not None:
+                metrics.decision(name, result).inc()
+            if logger.isEnabledFor(logging.DEBUG):
+                # The identity is hashed as in the storage keys: never a raw IP, API key or token.
+                logger.debug("asgi_ratelimit: %s by rule %r for key %s", result, name, digest(identity))
+
+    def count_failure(self, spans: Sequence[Span], failed_open: bool) -> None:
+        """Count a request the backend could not decide, under each rule it applied."""
+        metrics = self.metrics
+        if metrics is None:
+            return
+        result: Result = "failed_open" if failed_open else "failed_closed"
+        for name, _, _ in spans:
+            metrics.decision(name, result).inc()
+
+
+def _wrap(exc: BaseException) -> BackendError:
+    # A backend bug must fail like a backend outage, never as a 500.
+    error = BackendError(f"the backend failed: {type(exc).__name__}: {exc}")
+    error.__cause__ = exc  # error_kind() follows it before the caller's ``raise ... from``
+    return error

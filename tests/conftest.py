@@ -178,3 +178,30 @@ async def backend(request: pytest.FixtureRequest, clock: ManualClock, key_prefix
     instance = RedisBackend(client, prefix=key_prefix, clock=clock)
     yield instance
     await instance.aclose()
+
+
+MIDDLEWARE_BACKENDS = ["memory", pytest.param("redis", marks=pytest.mark.redis)]
+
+
+@pytest.fixture(params=MIDDLEWARE_BACKENDS)
+async def mw_backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
+    """A backend as an application runs it: MemoryBackend, or RedisBackend on the machine's Redis (server clock)."""
+    if request.param == "memory":
+        yield MemoryBackend(prefix=key_prefix)
+        return
+    instance = RedisBackend(Redis.from_url(request.getfixturevalue("redis_url")), prefix=key_prefix)
+    yield instance
+    await instance.aclose()
+
+
+@pytest.fixture(params=MIDDLEWARE_BACKENDS)
+async def mw_clocked_backend(
+    request: pytest.FixtureRequest, key_prefix: str, clock: ManualClock
+) -> AsyncIterator[Any]:
+    """Like ``mw_backend``, on the test's ManualClock (Redis in client-clock mode), for tests that move time."""
+    if request.param == "memory":
+        yield MemoryBackend(prefix=key_prefix, clock=clock)
+        return
+    instance = RedisBackend(Redis.from_url(request.getfixturevalue("redis_url")), prefix=key_prefix, clock=clock)
+    yield instance
+    await instance.aclose()

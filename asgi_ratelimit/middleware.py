@@ -12,6 +12,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
+from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -19,7 +20,8 @@ from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .headers import HeaderMode, check_mode, rate_limit_headers, retry_after_seconds
-from .limiter import Limiter
+from .health import OperationsApp
+from .limiter import Limiter, Span
 from .policies import Decision
 from .rules import ROUTE_MARKER, Rule
 
@@ -58,6 +60,13 @@ class RateLimitMiddleware:
         timeout: seconds a backend decision may take before it counts as failed.
         fail_open: when the backend fails, let requests through (True, the default) or answer 503
             (False).  A rule's own ``fail_open`` overrides it; one closed rule closes the request.
+        breaker_threshold: consecutive backend failures that open the circuit breaker (default 5).
+        breaker_cooldown: seconds the open breaker stops calling the backend before one probe (default 1.0).
+        metrics: count decisions, backend latency and errors, and the breaker state (default True).
+        registry: the Prometheus registry to count on and to expose; the global REGISTRY by default.
+        metrics_path: serve the metrics exposition at this path, exempt from limiting (default None: off).
+        health_path: serve backend health at this path and liveness at ``<health_path>/live``,
+            exempt from limiting (default None: off).
     """
 
     def __init__(
@@ -72,10 +81,30 @@ class RateLimitMiddleware:
         on_limited: OnLimited | None = None,
         timeout: float = 0.05,
         fail_open: bool = True,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 1.0,
+        metrics: bool = True,
+        registry: CollectorRegistry | None = None,
+        metrics_path: str | None = None,
+        health_path: str | None = None,
     ) -> None:
         self.app = app
         self.backend: Backend = MemoryBackend() if backend is None else backend
-        self.limiter = Limiter(self.backend, timeout=timeout)
+        if not isinstance(metrics, bool):
+            raise ConfigurationError(f"metrics must be True or False, got {metrics!r}.")
+        self.registry: CollectorRegistry = REGISTRY if registry is None else registry
+        self.limiter = Limiter(
+            self.backend,
+            timeout=timeout,
+            breaker_threshold=breaker_threshold,
+            breaker_cooldown=breaker_cooldown,
+            registry=self.registry if metrics else None,
+        )
+        self._operations: OperationsApp | None = None
+        if metrics_path is not None or health_path is not None:
+            self._operations = OperationsApp(
+                self.limiter, registry=self.registry, metrics_path=metrics_path, health_path=health_path
+            )
         self.header_mode = check_mode(headers)
         self.dry_run = bool(dry_run)
         self.on_limited = on_limited
@@ -110,6 +139,9 @@ class RateLimitMiddleware:
         if not self._routes_loaded:
             self._load_route_rules(scope)
         path = route_path(scope)
+        if self._operations is not None and scope_type == "http" and path in self._operations.paths:
+            await self._operations.serve(path, scope, send)
+            return
         method = scope.get("method", "GET")
         matched = [rule for rule in self.rules if rule.matches(method, path)]
         if not matched or any(rule.matches(method, path) for rule in self._exempt_paths):
@@ -121,6 +153,7 @@ class RateLimitMiddleware:
             return
 
         hits: list[Hit] = []
+        spans: list[Span] = []  # (rule name, identity, number of hits) for metrics and logs
         policy_items: tuple[str, ...] = ()
         item_names: tuple[str, ...] = ()
         fail_open = True  # the request fails open only when every applied rule does
@@ -134,6 +167,7 @@ class RateLimitMiddleware:
             cost = rule.cost_for(request)
             identity = rule.name + _SEPARATOR + value
             hits.extend((identity, policy, cost) for policy in limits.policies)
+            spans.append((rule.name, identity, len(limits.policies)))
             policy_items += limits.policy_items
             item_names += limits.item_names
             if not (self.fail_open if rule.fail_open is None else rule.fail_open):
@@ -145,6 +179,7 @@ class RateLimitMiddleware:
         try:
             decisions = await self.limiter.decide(hits)
         except BackendError:
+            self.limiter.count_failure(spans, fail_open)
             if fail_open:
                 await self.app(scope, receive, send)
             else:
@@ -152,6 +187,7 @@ class RateLimitMiddleware:
             return
 
         denied = not all(decision.allowed for decision in decisions)
+        self.limiter.count_decisions(spans, decisions, self.dry_run)
         if denied and not self.dry_run:
             headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
             await self._deny(scope, receive, send, request, decisions, item_names, headers)
@@ -214,16 +250,8 @@ class RateLimitMiddleware:
     def _load_route_rules(self, scope: Scope) -> None:
         """Add a Rule for every endpoint marked with ``@rate_limit`` among the app's routes (once)."""
         self._routes_loaded = True
-        routes = _routes_of(scope.get("app"))
-        if routes is None:
-            # Wrapped around the app instead of added with add_middleware: there is no
-            # scope["app"], so look through the wrapped app (and any middleware around it).
-            app: Any = self.app
-            for _ in range(32):
-                routes = _routes_of(app)
-                if routes is not None or not hasattr(app, "app"):
-                    break
-                app = app.app
+        app = scope.get("app")
+        routes = getattr(getattr(app, "router", app), "routes", None)
         if not routes:
             return
         for path, methods, marks in _marked_routes(routes, ""):
@@ -243,11 +271,6 @@ class RateLimitMiddleware:
                         fail_open=mark["fail_open"],
                     )
                 )
-
-
-def _routes_of(app: Any) -> list[Any] | None:
-    routes = getattr(getattr(app, "router", app), "routes", None)
-    return list(routes) if routes is not None else None
 
 
 def _marked_routes(routes: Iterable[Any], prefix: str) -> Iterable[tuple[str, list[str] | None, list[dict[str, Any]]]]:

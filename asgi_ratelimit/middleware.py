@@ -250,8 +250,16 @@ class RateLimitMiddleware:
     def _load_route_rules(self, scope: Scope) -> None:
         """Add a Rule for every endpoint marked with ``@rate_limit`` among the app's routes (once)."""
         self._routes_loaded = True
-        app = scope.get("app")
-        routes = getattr(getattr(app, "router", app), "routes", None)
+        routes = _routes_of(scope.get("app"))
+        if routes is None:
+            # Wrapped around the app instead of added with add_middleware: there is no
+            # scope["app"], so look through the wrapped app (and any middleware around it).
+            app: Any = self.app
+            for _ in range(32):
+                routes = _routes_of(app)
+                if routes is not None or not hasattr(app, "app"):
+                    break
+                app = app.app
         if not routes:
             return
         for path, methods, marks in _marked_routes(routes, ""):
@@ -271,6 +279,11 @@ class RateLimitMiddleware:
                         fail_open=mark["fail_open"],
                     )
                 )
+
+
+def _routes_of(app: Any) -> list[Any] | None:
+    routes = getattr(getattr(app, "router", app), "routes", None)
+    return list(routes) if routes is not None else None
 
 
 def _marked_routes(routes: Iterable[Any], prefix: str) -> Iterable[tuple[str, list[str] | None, list[dict[str, Any]]]]:

@@ -1,0 +1,198 @@
+"""rules.py: path and method matching, limits, cost, names, and the @rate_limit marker."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+from starlette.requests import HTTPConnection
+
+from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, SlidingWindow, TokenBucket, rate_limit
+from asgi_ratelimit.rules import ROUTE_MARKER, Rule
+
+
+def key(request: HTTPConnection) -> str | None:
+    return "k"
+
+
+def connection(headers: dict[str, str] | None = None, method: str = "GET") -> HTTPConnection:
+    return HTTPConnection(
+        {
+            "type": "http",
+            "method": method,
+            "path": "/",
+            "headers": [(k.encode(), v.encode()) for k, v in (headers or {}).items()],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "url", "expected"),
+    [
+        ("/users/{id}", "/users/1", True),
+        ("/users/{id}", "/users/abc", True),
+        ("/users/{id}", "/users/1/posts", False),
+        ("/users/{id}", "/users/", False),
+        ("/users/{id}", "/users", False),
+        ("/users/{id:int}", "/users/12", True),
+        ("/users/{id:int}", "/users/me", False),
+        ("/files/{rest:path}", "/files/a/b/c.txt", True),
+        ("/files/{rest:path}", "/files/", True),
+        ("/files/{rest:path}", "/filesystem", False),
+        ("/login", "/login", True),
+        ("/login", "/login/", False),
+        ("/login", "/login2", False),
+        ("/{p:path}", "/anything/at/all", True),
+        (re.compile(r"/users/[0-9]+$"), "/users/42", True),
+        (re.compile(r"/users/[0-9]+$"), "/users/42/x", False),
+        # A regex is matched at the start of the path only; anchor its end with $ when you mean it.
+        (re.compile(r"/users/[0-9]+"), "/users/42/x", True),
+        (re.compile(r"/users/[0-9]+"), "/api/users/42", False),
+    ],
+)
+def test_path_matching(path: str | re.Pattern[str], url: str, expected: bool) -> None:
+    assert Rule(path, "1/minute", key=key).matches("GET", url) is expected
+
+
+@pytest.mark.parametrize(
+    ("methods", "method", "expected"),
+    [
+        (None, "GET", True),
+        (None, "DELETE", True),
+        (["POST"], "POST", True),
+        (["POST"], "GET", False),
+        (["post"], "POST", True),
+        (["GET"], "HEAD", True),  # a GET route answers HEAD: limit both alike
+        (["POST", "PUT"], "PUT", True),
+        (["POST", "PUT"], "HEAD", False),
+    ],
+)
+def test_method_matching(methods: list[str] | None, method: str, expected: bool) -> None:
+    assert Rule("/x", "1/minute", key=key, methods=methods).matches(method, "/x") is expected
+
+
+def test_names() -> None:
+    assert Rule("/users/{id}", "1/minute", key=key).name == "/users/{id}"
+    assert Rule(re.compile(r"^/a/\d+$"), "1/minute", key=key).name == r"^/a/\d+$"
+    assert Rule("/users/{id}", "1/minute", key=key, name="users").name == "users"
+
+
+def test_limit_strings_use_the_rule_algorithm() -> None:
+    assert Rule("/x", "10/minute", key=key).static.policies == (SlidingWindow(10, 60),)  # type: ignore[union-attr]
+    assert Rule("/x", "10/minute", key=key, algorithm="fixed_window").static.policies == (  # type: ignore[union-attr]
+        FixedWindow(10, 60),
+    )
+    token = Rule("/x", "10/minute", key=key, algorithm="token_bucket").static.policies[0]  # type: ignore[union-attr]
+    assert isinstance(token, TokenBucket) and token.capacity == 10
+
+
+def test_policies_and_lists() -> None:
+    rule = Rule("/x", [GCRA(10, 60), "100/hour"], key=key, name="x")
+    compiled = rule.limits_for(connection())
+    assert compiled.policies == (GCRA(10, 60), SlidingWindow(100, 3600))
+    assert compiled.policy_items == ('"x:60s";q=10;w=60', '"x:3600s";q=100;w=3600')
+    assert compiled.item_names == ('"x:60s"', '"x:3600s"')
+
+
+def test_two_limits_with_one_window_get_distinct_names() -> None:
+    compiled = Rule("/x", ["10/minute", GCRA(5, 60)], key=key, name="x").limits_for(connection())
+    assert len(set(compiled.item_names)) == 2
+
+
+def test_tiers_callable() -> None:
+    def tiers(request: HTTPConnection) -> Any:
+        return ["100/minute", "1000/hour"] if request.headers.get("x-plan") == "pro" else "10/minute"
+
+    rule = Rule("/x", tiers, key=key, name="api")
+    free = rule.limits_for(connection())
+    pro = rule.limits_for(connection({"x-plan": "pro"}))
+    assert free.policies == (SlidingWindow(10, 60),)
+    assert pro.policies == (SlidingWindow(100, 60), SlidingWindow(1000, 3600))
+    # Compiled once per tier.
+    assert rule.limits_for(connection({"x-plan": "pro"})) is pro
+
+
+def test_a_tier_callable_returning_a_bad_limit_names_the_rule() -> None:
+    rule = Rule("/x", lambda request: "10/fortnight", key=key, name="api")
+    with pytest.raises(ConfigurationError, match=r"'api'.*'10/fortnight'"):
+        rule.limits_for(connection())
+
+
+def test_cost() -> None:
+    assert Rule("/x", "10/minute", key=key).cost_for(connection()) == 1
+    assert Rule("/x", "10/minute", key=key, cost=3).cost_for(connection()) == 3
+    by_method = Rule("/x", "10/minute", key=key, cost=lambda r: 5 if r.scope["method"] == "POST" else 1)
+    assert by_method.cost_for(connection(method="POST")) == 5
+    assert by_method.cost_for(connection()) == 1
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2", None])
+def test_a_cost_callable_returning_a_bad_value_names_the_rule(value: Any) -> None:
+    rule = Rule("/x", "10/minute", key=key, cost=lambda r: value, name="api")
+    with pytest.raises(ConfigurationError, match="'api'"):
+        rule.cost_for(connection())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragments"),
+    [
+        ({"limits": "100/fortnight"}, ["'/x'", "'100/fortnight'", "second, minute, hour or day"]),
+        ({"limits": "0/minute"}, ["'/x'", "'0/minute'"]),
+        ({"limits": ["1/minute", "1/minute"]}, ["'/x'", "twice"]),
+        ({"limits": 5}, ["'/x'", "5"]),
+        ({"limits": [5]}, ["'/x'", "5"]),
+        ({"limits": "1/minute", "algorithm": "leaky_bucket"}, ["'/x'", "'leaky_bucket'", "sliding_window"]),
+        ({"limits": "1/minute", "cost": 0}, ["'/x'", "0"]),
+        ({"limits": "1/minute", "cost": True}, ["'/x'", "True"]),
+        ({"limits": "1/minute", "cost": 2.5}, ["'/x'", "2.5"]),
+        ({"limits": "1/minute", "methods": ["GETT"]}, ["'/x'", "'GETT'"]),
+        ({"limits": "1/minute", "name": ""}, ["'/x'", "''"]),
+        ({"limits": "1/minute", "fail_open": "no"}, ["'/x'", "'no'"]),
+        ({"limits": "1/minute", "key": 42}, ["'/x'", "42"]),
+    ],
+)
+def test_configuration_errors_name_the_rule_and_quote_the_value(kwargs: dict[str, Any], fragments: list[str]) -> None:
+    kwargs.setdefault("key", key)
+    limits = kwargs.pop("limits")
+    with pytest.raises(ConfigurationError) as info:
+        Rule("/x", limits, **kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("path", ["users", "", 42, "/users/{id:nope}", "/users/{id}/{id}"])
+def test_bad_paths(path: Any) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(repr(path))):
+        Rule(path, "1/minute", key=key)
+
+
+class TestRateLimitMarker:
+    def test_marks_the_endpoint_and_returns_it(self) -> None:
+        async def endpoint(request: Any) -> None: ...
+
+        marked = rate_limit("5/minute", key=key, cost=2, name="login")(endpoint)
+        assert marked is endpoint
+        marks = getattr(endpoint, ROUTE_MARKER)
+        assert len(marks) == 1
+        assert marks[0]["limits"] == "5/minute" and marks[0]["cost"] == 2 and marks[0]["name"] == "login"
+
+    def test_marks_stack(self) -> None:
+        @rate_limit("5/minute", key=key)
+        @rate_limit("100/day", key=key)
+        async def endpoint(request: Any) -> None: ...
+
+        assert [mark["limits"] for mark in getattr(endpoint, ROUTE_MARKER)] == ["100/day", "5/minute"]
+
+    @pytest.mark.parametrize(
+        ("args", "kwargs", "fragment"),
+        [
+            (("5/fortnight",), {}, "'5/fortnight'"),
+            (("5/minute",), {"algorithm": "leaky"}, "'leaky'"),
+            (("5/minute",), {"cost": 0}, "0"),
+        ],
+    )
+    def test_validates_when_applied(self, args: tuple[Any, ...], kwargs: dict[str, Any], fragment: str) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            rate_limit(*args, key=key, **kwargs)
+        assert fragment in str(info.value)

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from .._keys import digest, state_key
 from ..errors import BackendError, ConfigurationError
@@ -63,6 +65,10 @@ class RedisBackend:
         """Build the client from a ``redis://`` URL; keyword arguments go to redis-py."""
         kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
         kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT)
+        # A pooled connection goes stale when Redis restarts (or a proxy drops idle ones): retry
+        # once, at once, on a fresh connection.  Timeouts are not retried: they have spent the
+        # request's budget already.  A replayed hit can only be counted twice, never admitted twice.
+        kwargs.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)))
         client: Any
         if cluster:
             from redis.asyncio.cluster import RedisCluster

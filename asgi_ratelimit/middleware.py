@@ -28,7 +28,8 @@ from .rules import ROUTE_MARKER, Rule
 __all__ = ["RateLimitMiddleware"]
 
 OnLimited = Callable[[HTTPConnection, Sequence[Decision]], Awaitable[ASGIApp] | ASGIApp]
-Exempt = Iterable[str] | Callable[[HTTPConnection], bool]
+ExemptPredicate = Callable[[HTTPConnection], bool | Awaitable[bool]]
+Exempt = Iterable[str] | ExemptPredicate
 
 # Separates the rule's name from the extracted key in the identity the backend hashes.
 _SEPARATOR = "\x1f"
@@ -116,7 +117,7 @@ class RateLimitMiddleware:
             if not isinstance(rule, Rule):
                 raise ConfigurationError(f"rules must hold Rule objects, got {rule!r}.")
             self._add_rule(rule)
-        self._exempt_predicate: Callable[[HTTPConnection], bool] | None = None
+        self._exempt_predicate: ExemptPredicate | None = None
         self._exempt_paths: list[Rule] = []
         if callable(exempt):
             self._exempt_predicate = exempt
@@ -148,9 +149,14 @@ class RateLimitMiddleware:
             await self.app(scope, receive, send)
             return
         request: HTTPConnection = Request(scope, receive) if scope_type == "http" else HTTPConnection(scope)
-        if self._exempt_predicate is not None and self._exempt_predicate(request):
-            await self.app(scope, receive, send)
-            return
+        if self._exempt_predicate is not None:
+            exempted = self._exempt_predicate(request)
+            # An async predicate returns a coroutine, which is truthy: await it, or everything is exempt.
+            if inspect.isawaitable(exempted):
+                exempted = await exempted
+            if exempted:
+                await self.app(scope, receive, send)
+                return
 
         hits: list[Hit] = []
         spans: list[Span] = []  # (rule name, identity, number of hits) for metrics and logs

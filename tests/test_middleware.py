@@ -506,6 +506,20 @@ class TestOptions:
         # Exempt requests took nothing: the first ordinary one is still allowed.
         assert [r.status_code for r in outside] == [200, 429]
 
+    async def test_async_exempt_predicate(self, mw_backend: Backend) -> None:
+        async def internal(request: HTTPConnection) -> bool:
+            await asyncio.sleep(0)
+            return request.headers.get("x-internal") == "yes"
+
+        rules = [Rule("/{p:path}", "1/minute", key=by_user, name="all")]
+        app = build_app("starlette", rules=rules, backend=mw_backend, exempt=internal)
+        async with client_for(app) as client:
+            inside = [await client.get("/other", headers={"x-user": "a", "x-internal": "yes"}) for _ in range(2)]
+            outside = [await client.get("/other", headers={"x-user": "a"}) for _ in range(2)]
+        assert [r.status_code for r in inside] == [200, 200]
+        # A coroutine is truthy: a predicate that was not awaited would exempt everyone.
+        assert [r.status_code for r in outside] == [200, 429]
+
     async def test_dry_run_counts_and_reports_but_never_denies(self, app_kind: str, mw_backend: Backend) -> None:
         rules = [Rule("/users/{id}", "2/minute", key=by_user, name="u")]
         app = build_app(app_kind, rules=rules, backend=mw_backend, dry_run=True, headers="both")

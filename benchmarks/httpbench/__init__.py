@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/bench_http.py: the config table, the in-process driver, uvicorn + wrk, Redis counters."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 import time
 from bisect import bisect_right, insort
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from itertools import islice
 from typing import Any
 
 from .._keys import digest, state_key
@@ -87,8 +89,10 @@ class MemoryBackend:
         self.max_keys = max_keys
         self.prefix = prefix
         self._clock = clock or system_clock_us
-        # key -> [expires_at_us, state]; insertion order is write order, oldest first.
-        self._store: dict[str, list[Any]] = {}
+        # key -> [expires_at_us, state], in write order, oldest first.  An OrderedDict, not a
+        # dict: a dict's first item is found by scanning past the slots its deletions left at the
+        # front, so evicting at the cap under a flood cost time in proportion to the cap.
+        self._store: OrderedDict[str, list[Any]] = OrderedDict()
         self._writes = 0
 
     def __len__(self) -> int:
@@ -148,19 +152,19 @@ class MemoryBackend:
 
     def _set(self, key: str, state: Any, now: int, ttl_from_now_us: float) -> None:
         store = self._store
-        # Re-inserting moves the key to the end, so the front holds the least recently written.
-        store.pop(key, None)
         store[key] = [now + _ttl_us(ttl_from_now_us), state]
+        # The front holds the least recently written.
+        store.move_to_end(key)
         self._writes += 1
         if self._writes % 1024 == 0:
             self._sweep(now)
         while len(store) > self.max_keys:
-            del store[next(iter(store))]
+            store.popitem(last=False)
 
     def _sweep(self, now: int, budget: int = 512) -> None:
         """Drop expired keys among the least recently written ones."""
         store = self._store
-        expired = [key for key, _ in zip(store, range(budget), strict=False) if store[key][0] <= now]
+        expired = [key for key, entry in islice(store.items(), budget) if entry[0] <= now]
         for key in expired:
             del store[key]
 

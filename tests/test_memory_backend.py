@@ -1,0 +1,128 @@
+"""MemoryBackend: bounded memory under a flood of identities, expiry on its own clock, configuration."""
+
+from __future__ import annotations
+
+import pytest
+
+from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, MemoryBackend, SlidingWindow, TokenBucket
+from asgi_ratelimit.backends.base import Backend
+
+T0 = 1_699_999_200_000_000
+US = 1_000_000
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_a_flood_of_unique_identities_never_exceeds_max_keys() -> None:
+    clock = Clock()
+    cap = 10_000
+    backend = MemoryBackend(max_keys=cap, clock=clock)
+    policy = [FixedWindow(5, 3600)]
+    largest = 0
+    for number in range(1_000_000):
+        backend.decide([(f"203.0.{number}", policy[0], 1)])
+        if number % 997 == 0:
+            largest = max(largest, len(backend))
+            clock.now += 1_000  # a millisecond every thousand requests: nothing expires here
+    largest = max(largest, len(backend))
+    assert largest == cap
+    # The most recent identities are the ones kept; the flood's start was evicted.
+    assert backend.decide([("203.0.999999", policy[0], 1)])[0].remaining == 3
+    assert backend.decide([("203.0.0", policy[0], 1)])[0].remaining == 4
+
+
+def test_expired_keys_are_dropped() -> None:
+    clock = Clock()
+    backend = MemoryBackend(max_keys=100_000, clock=clock)
+    short = FixedWindow(1, 1)
+    for number in range(5_000):
+        backend.decide([(f"old-{number}", short, 1)])
+    assert len(backend) == 5_000
+    clock.now += 2 * US  # every old window (and key) is over
+    long = FixedWindow(1, 3600)
+    for number in range(20_000):
+        backend.decide([(f"new-{number}", long, 1)])
+    # Nothing needed evicting (20,000 + 5,000 is below the cap): the old keys went as they expired.
+    assert len(backend) == 20_000
+
+
+def test_an_expired_key_is_dropped_when_met() -> None:
+    clock = Clock()
+    backend = MemoryBackend(clock=clock)
+    policy = GCRA(1, 1)
+    backend.decide([("k", policy, 1)])
+    assert len(backend) == 1
+    clock.now += US
+    # A denied hit writes nothing, and the expired state it met is gone.
+    decisions = backend.decide([("other", policy, 1), ("k", policy, 1), ("other", FixedWindow(1, 1), 2)])
+    assert [d.allowed for d in decisions] == [True, True, False]
+    assert len(backend) == 0
+
+
+@pytest.mark.parametrize(
+    "policy", [FixedWindow(3, 2), SlidingWindow(3, 2), GCRA(3, 2), TokenBucket(3, 1.5)], ids=lambda p: p.algorithm
+)
+def test_keys_live_exactly_as_long_as_their_state_matters(policy: object) -> None:
+    clock = Clock()
+    backend = MemoryBackend(clock=clock)
+    [decision] = backend.decide([("k", policy, 3)])  # type: ignore[list-item]
+    ttl_us = -(-round(decision.reset_after * US) // 1000) * 1000  # whole ms, rounded up
+    clock.now += ttl_us - 1
+    backend.decide([("probe", FixedWindow(1, 1), 2)])  # a denied hit: writes nothing, touches nothing
+    assert len(backend) == 1
+    still = backend.decide([("k", policy, 1), ("probe", FixedWindow(1, 1), 2)])[0]  # type: ignore[list-item]
+    assert len(backend) == 1
+    clock.now += 1
+    fresh = backend.decide([("k", policy, 1), ("probe", FixedWindow(1, 1), 2)])[0]  # type: ignore[list-item]
+    assert len(backend) == 0
+    assert fresh.remaining == 3  # as good as new
+    assert still.remaining <= 3
+
+
+def test_eviction_takes_the_least_recently_written_key() -> None:
+    clock = Clock()
+    backend = MemoryBackend(max_keys=3, clock=clock)
+    policy = SlidingWindow(5, 60)
+    for identity in ("a", "b", "c"):
+        backend.decide([(identity, policy, 1)])
+    backend.decide([("a", policy, 1)])  # "a" is written again: "b" is now the oldest
+    backend.decide([("d", policy, 1)])
+    assert len(backend) == 3
+    assert backend.decide([("a", policy, 1)])[0].remaining == 2  # kept: third hit
+    assert backend.decide([("b", policy, 1)])[0].remaining == 4  # evicted: starts over
+
+
+@pytest.mark.parametrize("max_keys", [0, -1, 1.5, True, "10"])
+def test_max_keys_must_be_a_positive_whole_number(max_keys: object) -> None:
+    with pytest.raises(ConfigurationError, match="max_keys") as info:
+        MemoryBackend(max_keys=max_keys)  # type: ignore[arg-type]
+    assert repr(max_keys) in str(info.value)
+
+
+async def test_protocol_ping_and_aclose() -> None:
+    backend = MemoryBackend(clock=Clock())
+    assert isinstance(backend, Backend)
+    await backend.ping()
+    await backend.hit("k", [FixedWindow(1, 1)])
+    assert len(backend) == 1
+    await backend.aclose()
+    assert len(backend) == 0
+
+
+def test_the_default_clock_is_wall_clock_microseconds() -> None:
+    import time
+
+    backend = MemoryBackend()
+    before = time.time_ns() // 1000
+    [decision] = backend.decide([("k", FixedWindow(1, 3600), 1)])
+    after = time.time_ns() // 1000
+    window = 3600 * US
+    reset_us = round(decision.reset_after * US)
+    if before // window == after // window:
+        assert (after // window + 1) * window - after <= reset_us <= (before // window + 1) * window - before

@@ -492,6 +492,8 @@ def _versus(summary: dict[str, Any]) -> list[str]:
                 f"{report.fmt_signed(mine['seq_rps_added_us'])} vs {report.fmt_signed(theirs['seq_rps_added_us'])}",
             ]
         )
+    if not rows:
+        return ["", "Ours against the best peer: no peer with results in this run (see --only)"]
     headers = ["ours", "best peer", "uvicorn ratio", "ours / peer", "+µs in flight", "+µs sequential"]
     out.append(report.table(headers, rows, [False, False, True, True, True, True]))
     return out

@@ -279,6 +279,15 @@ class TestDecisions:
         assert statuses == [200, 429]
         assert anonymous.status_code == 200
 
+    async def test_rules_match_the_path_under_the_root_path(self, mw_backend: Backend) -> None:
+        app = build_app("starlette", rules=[Rule("/users/{id}", "1/minute", key=by_user)], backend=mw_backend)
+        transport = httpx.ASGITransport(app=app, root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            first = await client.get("/api/users/1", headers={"x-user": "a"})
+            second = await client.get("/api/users/2", headers={"x-user": "a"})
+        assert first.json()["id"] == "1"
+        assert [first.status_code, second.status_code] == [200, 429]
+
     async def test_regex_rule(self, mw_backend: Backend) -> None:
         rule = Rule(re.compile(r"^/users/[0-9]+$"), "1/minute", key=by_user, name="numeric users")
         app = build_app("starlette", rules=[rule], backend=mw_backend)
@@ -977,3 +986,4 @@ class TestWebSocket:
             await asyncio.wait_for(app(ws_scope("/ws", {}, {}), channel.receive, channel.send), 5)
             assert channel.sent[0]["type"] == "websocket.accept"
             assert b"ratelimit" not in header_map(channel.sent[0])
+

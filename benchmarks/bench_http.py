@@ -230,10 +230,14 @@ def run_config(
             with server.uvicorn_server(env, server_cpu) as running:
                 if args.warmup:
                     server.run_wrk(running.url, args.warmup, args.concurrency, wrk_cpu, latency=False)
-                before = counters()
+                before, cpu_before = counters(), server.cpu_seconds(running.proc.pid)
                 figures = server.run_wrk(running.url, args.duration, args.concurrency, wrk_cpu)
-                after = counters()
-                figures["redis"] = redisstats.per_request(before, after, figures.get("requests", 0))
+                after, cpu_after = counters(), server.cpu_seconds(running.proc.pid)
+                requests = figures.get("requests", 0)
+                figures["redis"] = redisstats.per_request(before, after, requests)
+                if cpu_before is not None and cpu_after is not None and requests:
+                    # The server's CPU per request holds up when other jobs take CPU; its req/s does not.
+                    figures["cpu_us"] = round((cpu_after - cpu_before) * 1e6 / requests, 2)
                 figures["rss_kib"] = server.rss_kib(running.proc.pid)
             result["server"] = figures
         except Exception as exc:
@@ -271,6 +275,17 @@ def summarise(configs: list[Config], rounds: list[dict[str, Any]], exact: dict[s
             row[f"{key}_ratio"] = report.median(report.ratio(v, b) for v, b in zip(values, references, strict=True))
             row[f"{key}_added_us"] = report.median(
                 report.added_us(v, b) for v, b in zip(values, references, strict=True)
+            )
+        for path, key in (
+            (("server", "cpu_us"), "server_cpu_us"),
+            (("inprocess", "sequential", "cpu_us"), "seq_cpu_us"),
+            (("inprocess", "concurrent", "cpu_us"), "conc_cpu_us"),
+        ):
+            values = [_get(result, *path) for result in per_round]
+            references = [_get(bare, *path) for bare in bares]
+            row[key] = report.median(values)
+            row[f"{key}_added"] = report.median(
+                v - b if v is not None and b is not None else None for v, b in zip(values, references, strict=True)
             )
         for field in ("p50_ms", "p99_ms", "rss_kib"):
             row[field] = report.median(_get(result, "server", field) for result in per_round)
@@ -381,13 +396,16 @@ def render(summary: dict[str, Any], skipped: dict[str, str], meta: dict[str, Any
                     report.fmt(row["server_rps"]),
                     report.fmt(row["server_rps_ratio"], 3),
                     report.fmt_signed(row["server_rps_added_us"]),
+                    report.fmt(row["server_cpu_us"], 1),
+                    report.fmt_signed(row["server_cpu_us_added"]),
                     report.fmt(row["p50_ms"], 2),
                     report.fmt(row["p99_ms"], 2),
                     f"{row['server_non_2xx']:,} / {row['server_requests']:,}",
                     report.fmt((row["rss_kib"] or 0) / 1024 if row["rss_kib"] else None, 1),
                 ]
             )
-        headers = ["config", "req/s", "ratio", "+µs/req", "p50 ms", "p99 ms", "non-2xx / requests", "RSS MiB"]
+        headers = ["config", "req/s", "ratio", "+µs/req", "CPU µs/req", "+CPU µs", "p50 ms", "p99 ms"]
+        headers += ["non-2xx / requests", "RSS MiB"]
         out.append(report.table(headers, rows))
 
     if settings["inprocess"]:
@@ -408,12 +426,14 @@ def render(summary: dict[str, Any], skipped: dict[str, str], meta: dict[str, Any
                     report.fmt(row["conc_rps"]),
                     report.fmt(row["conc_rps_ratio"], 3),
                     report.fmt_signed(row["conc_rps_added_us"]),
+                    report.fmt_signed(row["seq_cpu_us_added"]),
+                    report.fmt_signed(row["conc_cpu_us_added"]),
                     statuses or "-",
                 ]
             )
         headers = ["config", "seq req/s", "ratio", "+µs/req", f"{settings['concurrency']}-flight req/s"]
-        headers += ["ratio", "+µs/req", "statuses"]
-        out.append(report.table(headers, rows, [False, *([True] * 6), False]))
+        headers += ["ratio", "+µs/req", "+CPU µs seq", "+CPU µs flight", "statuses"]
+        out.append(report.table(headers, rows, [False, *([True] * 8), False]))
 
     redis_rows = [name for name in names if apps.BY_NAME[name].redis]
     if redis_rows:
@@ -435,12 +455,13 @@ def render(summary: dict[str, Any], skipped: dict[str, str], meta: dict[str, Any
                     report.fmt(_get(exact, "sequential", "commands"), 2),
                     report.fmt(_get(exact, "sequential", "scripts"), 2),
                     report.fmt(exact.get("connections_opened")),
+                    report.fmt(_get(exact, "concurrent", "cpu_us"), 1),
                     report.fmt(row["shared_redis"]["round_trips"], 2),
                     report.fmt(row["shared_redis"]["commands"], 2),
                 ]
             )
         headers = ["config", "round trips", f"RT, {settings['concurrency']} in flight", "commands", "scripts"]
-        headers += ["connections", "shared RT", "shared cmds"]
+        headers += ["connections", "Redis CPU µs", "shared RT", "shared cmds"]
         out.append(report.table(headers, rows))
 
     out.extend(_versus(summary))
@@ -482,20 +503,26 @@ def _versus(summary: dict[str, Any]) -> list[str]:
             continue
         best = max(peers, key=lambda peer: summary[peer]["server_rps_ratio"])
         mine, theirs = summary[name], summary[best]
+
+        def both(key: str, mine: dict[str, Any] = mine, theirs: dict[str, Any] = theirs) -> str:
+            return f"{report.fmt_signed(mine[key])} vs {report.fmt_signed(theirs[key])}"
+
         rows.append(
             [
                 name,
                 best,
                 f"{report.fmt(mine['server_rps_ratio'], 3)} vs {report.fmt(theirs['server_rps_ratio'], 3)}",
                 report.fmt(report.ratio(mine["server_rps_ratio"], theirs["server_rps_ratio"]), 2, "x"),
-                f"{report.fmt_signed(mine['conc_rps_added_us'])} vs {report.fmt_signed(theirs['conc_rps_added_us'])}",
-                f"{report.fmt_signed(mine['seq_rps_added_us'])} vs {report.fmt_signed(theirs['seq_rps_added_us'])}",
+                both("conc_rps_added_us"),
+                both("seq_rps_added_us"),
+                both("server_cpu_us_added"),
             ]
         )
     if not rows:
         return ["", "Ours against the best peer: no peer with results in this run (see --only)"]
     headers = ["ours", "best peer", "uvicorn ratio", "ours / peer", "+µs in flight", "+µs sequential"]
-    out.append(report.table(headers, rows, [False, False, True, True, True, True]))
+    headers.append("+server CPU µs")
+    out.append(report.table(headers, rows, [False, False, True, True, True, True, True]))
     return out
 
 

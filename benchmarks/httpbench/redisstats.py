@@ -5,6 +5,7 @@
 - scripts: EVAL/EVALSHA/FCALL calls (and their _RO forms).
 - round trips: ``total_reads_processed``, the read events on client sockets: one per request/reply
   exchange, one for a whole pipeline. The closest thing to round trips that Redis counts.
+- Redis CPU: ``used_cpu_user + used_cpu_sys``, the server's own CPU time, I/O included.
 
 The counters are server-wide: anything else using the same Redis during a run is counted too. The harness
 takes medians over rounds; on a busy shared Redis treat these figures as upper bounds.
@@ -27,11 +28,12 @@ class Snapshot:
     reads: int
     connections_received: int
     connected_clients: int
+    cpu_seconds: float
 
 
 def snapshot(client: Any) -> Snapshot:
     """Read the counters with one INFO call (which itself adds 1 command and 1 read to the next snapshot)."""
-    info = client.execute_command("INFO", "stats", "commandstats", "clients")
+    info = client.execute_command("INFO", "stats", "commandstats", "clients", "cpu")
     commands = scripts = 0
     for key, value in info.items():
         if key.startswith("cmdstat_") and isinstance(value, dict):
@@ -45,6 +47,7 @@ def snapshot(client: Any) -> Snapshot:
         reads=int(info.get("total_reads_processed", 0)),
         connections_received=int(info.get("total_connections_received", 0)),
         connected_clients=int(info.get("connected_clients", 0)),
+        cpu_seconds=float(info.get("used_cpu_user", 0.0)) + float(info.get("used_cpu_sys", 0.0)),
     )
 
 
@@ -57,6 +60,7 @@ def per_request(before: Snapshot, after: Snapshot, requests: int) -> dict[str, f
         "scripts": (after.scripts - before.scripts) / requests,
         "round_trips": max(after.reads - before.reads - 1, 0) / requests,
         "connections_opened": float(after.connections_received - before.connections_received),
+        "cpu_us": (after.cpu_seconds - before.cpu_seconds) * 1e6 / requests,
     }
 
 

@@ -142,6 +142,7 @@ class Limiter:
         self._ping: asyncio.Task[None] | None = None
         # Logging: one line per state change, and at most one "still failing" line per interval.
         self._failing_since: float | None = None
+        self._lost_logged = False
         self._failed_calls = 0
         self._unlogged = 0
         self._last_log = -math.inf
@@ -171,9 +172,9 @@ class Limiter:
             if self._in_process:
                 decisions = await self.backend.hit_many(hits)
             else:
-                decisions = await self._within_budget(self.backend.hit_many(hits))
+                decisions = await self._within_budget(self.backend.hit_many(hits), probe=probe)
         except asyncio.CancelledError:
-            if probe:  # the request went away: the next call probes instead
+            if probe and self._in_process:  # the request went away: the next call probes instead
                 self._probing = False
                 self._set_state(OPEN)
             raise
@@ -207,7 +208,7 @@ class Limiter:
             raise _wrap(exc) from exc
         return time.perf_counter() - started
 
-    async def _within_budget(self, call: Coroutine[Any, Any, T], keep: str | None = None) -> T:
+    async def _within_budget(self, call: Coroutine[Any, Any, T], keep: str | None = None, probe: bool = False) -> T:
         loop = asyncio.get_running_loop()
         task: asyncio.Task[T] = loop.create_task(call)
         if keep is not None:
@@ -220,19 +221,38 @@ class Limiter:
                 await waiter
             except asyncio.CancelledError:
                 # The request itself was cancelled: abandon the call the same way.
-                self._abandon(task)
+                self._abandon(task, probe)
                 raise
             finally:
                 timer.cancel()
             if not task.done():
-                self._abandon(task)
+                self._abandon(task, probe)
                 raise _Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms")
         return task.result()
 
-    def _abandon(self, task: asyncio.Task[Any]) -> None:
+    def _abandon(self, task: asyncio.Task[Any], probe: bool = False) -> None:
         self._abandoned += 1
-        task.cancel()
-        task.add_done_callback(self._abandoned_done)
+        if not probe:
+            task.cancel()
+            task.add_done_callback(self._abandoned_done)
+            return
+        # The request stops waiting at its budget, but the breaker waits for the probe's outcome
+        # (up to the cooldown): a cold first call after a restart (connect, load the script) may
+        # take longer than one request's budget, and must not cost another whole cooldown.
+        deadline = asyncio.get_running_loop().call_later(max(self.breaker_cooldown, self.timeout), task.cancel)
+        task.add_done_callback(lambda done: self._probe_done(done, deadline))
+
+    def _probe_done(self, task: asyncio.Task[Any], deadline: asyncio.TimerHandle) -> None:
+        deadline.cancel()
+        self._abandoned -= 1
+        failed = task.cancelled() or task.exception() is not None
+        self._probing = False
+        if self._state is not HALF_OPEN:
+            return
+        if failed:
+            self._open("the probe failed")
+        else:
+            self._succeeded(probe=True)
 
     def _abandoned_done(self, task: asyncio.Task[Any]) -> None:
         self._abandoned -= 1
@@ -279,6 +299,8 @@ class Limiter:
             self.metrics.backend_latency.observe(time.perf_counter() - started)
         kind = error_kind(error)
         self._count_failure(kind, error)
+        if probe and isinstance(error, _Abandoned) and not self._in_process:
+            return  # the probe goes on in the background; _probe_done decides
         if probe:
             self._probing = False
             self._open("the probe failed")
@@ -298,14 +320,15 @@ class Limiter:
         if self._state is not CLOSED:
             self._set_state(CLOSED)
         if self._failing_since is not None:
-            logger.info(
-                "asgi_ratelimit: backend recovered after %.1f s (%d calls failed meanwhile); limiting again",
-                self._clock() - self._failing_since,
-                self._failed_calls,
-            )
+            if self._lost_logged:
+                logger.info(
+                    "asgi_ratelimit: backend recovered after %.1f s (%d calls failed meanwhile); limiting again",
+                    self._clock() - self._failing_since,
+                    self._failed_calls,
+                )
+                self._lost_logged = False
             self._failing_since = None
             self._failed_calls = 0
-            self._unlogged = 0
 
     def _count_failure(self, kind: ErrorKind, error: BackendError) -> None:
         if self.metrics is not None:
@@ -314,20 +337,22 @@ class Limiter:
         now = self._clock()
         if self._failing_since is None:
             self._failing_since = now
-            self._last_log = now
-            logger.warning("asgi_ratelimit: backend lost (%s: %s)", kind, error)
+        if now - self._last_log < self.log_interval:
+            self._unlogged += 1  # a flapping backend logs once per interval, never once per request
             return
-        self._unlogged += 1
-        if now - self._last_log >= self.log_interval:
+        if not self._lost_logged:
+            logger.warning("asgi_ratelimit: backend lost (%s: %s)", kind, error)
+            self._lost_logged = True
+        else:
             logger.warning(
                 "asgi_ratelimit: backend still failing: %d calls failed in the last %.0f s (last: %s: %s)",
-                self._unlogged,
+                self._unlogged + 1,
                 now - self._last_log,
                 kind,
                 error,
             )
-            self._last_log = now
-            self._unlogged = 0
+        self._last_log = now
+        self._unlogged = 0
 
     # -- counting outcomes -----------------------------------------------------------------
 

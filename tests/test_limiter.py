@@ -236,28 +236,50 @@ class TestBreaker:
         await limiter.decide(HITS)
         assert limiter.state == "closed"
 
-    async def test_a_probe_that_times_out_counts_as_failed(
+    async def test_a_slow_probe_answers_its_request_at_the_budget_and_decides_later(
         self, limiter: Limiter, backend: Scripted, clock: Clock
     ) -> None:
         backend.mode = "fail"
         await fail(limiter, 3)
         clock.advance(1.0)
         backend.mode = "hang"
-        await fail(limiter, 1)
-        assert limiter.state == "open"
+        started = time.perf_counter()
+        await fail(limiter, 1)  # the probe's own request fails at the budget...
+        assert time.perf_counter() - started < 0.2
+        assert limiter.state == "half_open"  # ...while the breaker waits for the probe's outcome
+        await fail(limiter, 3)
+        assert backend.calls == 4
+        backend.release.set()  # a cold first call (connect, load the script) answers late
+        await settle()
+        assert limiter.state == "closed"
 
-    async def test_a_cancelled_probe_does_not_wedge_it(self, limiter: Limiter, backend: Scripted, clock: Clock) -> None:
+    async def test_a_probe_that_never_answers_is_cancelled_after_the_cooldown(
+        self, backend: Scripted, clock: Clock
+    ) -> None:
+        limiter = Limiter(backend, timeout=0.01, breaker_threshold=1, breaker_cooldown=0.05, clock=clock)
+        backend.mode = "fail"
+        await fail(limiter, 1)
+        clock.advance(0.06)
+        backend.mode = "hang"
+        await fail(limiter, 1)
+        assert limiter.state == "half_open"
+        await asyncio.sleep(0.1)
+        assert limiter.state == "open" and limiter.abandoned == 0
+
+    async def test_a_cancelled_probe_request_leaves_the_probe_running(
+        self, limiter: Limiter, backend: Scripted, clock: Clock
+    ) -> None:
         backend.mode = "fail"
         await fail(limiter, 3)
         clock.advance(1.0)
         backend.mode = "hang"
         probe = asyncio.ensure_future(limiter.decide(HITS))
-        await asyncio.sleep(0.001)
+        await settle()
         probe.cancel()
         with pytest.raises(asyncio.CancelledError):
             await probe
-        backend.mode = "ok"
-        await limiter.decide(HITS)  # the next call probes at once
+        backend.release.set()
+        await settle()
         assert limiter.state == "closed"
 
     async def test_late_success_of_an_old_call_does_not_close_it(

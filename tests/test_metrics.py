@@ -1,0 +1,167 @@
+"""Metrics: names, labels and values through the middleware; one registry shared safely; the exposition validates."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import httpx
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from asgi_ratelimit import BackendError, MemoryBackend, RateLimitMiddleware, Rule
+from asgi_ratelimit.metrics import ERROR_KINDS, metrics_for
+
+
+async def ok(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok")
+
+
+def by_user(request: object) -> str | None:
+    return request.headers.get("x-user")  # type: ignore[attr-defined, no-any-return]
+
+
+class Broken(MemoryBackend):
+    async def hit_many(self, hits: object) -> list[object]:  # type: ignore[override]
+        raise BackendError("down")
+
+
+def make(registry: CollectorRegistry, **kwargs: object) -> RateLimitMiddleware:
+    app = Starlette(routes=[Route("/a", ok), Route("/b", ok)])
+    rules = kwargs.pop("rules", [Rule("/a", "2/minute", key=by_user, name="a")])
+    return RateLimitMiddleware(app, rules=rules, registry=registry, **kwargs)  # type: ignore[arg-type]
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def get(app: RateLimitMiddleware, path: str, **headers: str) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        return await client.get(path, headers=headers)
+
+
+class TestDecisions:
+    async def test_allowed_and_denied_by_rule(self) -> None:
+        registry = CollectorRegistry()
+        app = make(registry)
+        for _ in range(3):
+            await get(app, "/a", **{"x-user": "203.0.113.9"})
+        assert value(registry, "asgi_ratelimit_decisions_total", rule="a", result="allowed") == 2
+        assert value(registry, "asgi_ratelimit_decisions_total", rule="a", result="denied") == 1
+        assert value(registry, "asgi_ratelimit_backend_latency_seconds_count") == 3
+        # No identity ever becomes a label.
+        assert "203.0.113.9" not in exposition(registry)
+
+    async def test_dry_run_denials(self) -> None:
+        registry = CollectorRegistry()
+        app = make(registry, dry_run=True)
+        for _ in range(3):
+            assert (await get(app, "/a", **{"x-user": "u"})).status_code == 200
+        assert value(registry, "asgi_ratelimit_decisions_total", rule="a", result="dry_run_denied") == 1
+
+    @pytest.mark.parametrize(
+        ("fail_open", "result", "status"), [(True, "failed_open", 200), (False, "failed_closed", 503)]
+    )
+    async def test_failures(self, fail_open: bool, result: str, status: int) -> None:
+        registry = CollectorRegistry()
+        app = make(registry, backend=Broken(), fail_open=fail_open)
+        response = await get(app, "/a", **{"x-user": "u"})
+        assert response.status_code == status
+        assert "ratelimit" not in response.headers
+        assert value(registry, "asgi_ratelimit_decisions_total", rule="a", result=result) == 1
+        assert value(registry, "asgi_ratelimit_backend_errors_total", kind="other") == 1
+
+    async def test_the_hot_path_never_calls_labels(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        registry = CollectorRegistry()
+        app = make(registry, rules=[Rule("/a", "100/minute", key=by_user, name="a")])
+        await get(app, "/a", **{"x-user": "u"})  # the children are bound on first use
+        metrics = metrics_for(registry)
+        calls: list[object] = []
+        original = metrics.decisions.labels
+        monkeypatch.setattr(metrics.decisions, "labels", lambda *a, **k: calls.append(a) or original(*a, **k))
+        for _ in range(5):
+            await get(app, "/a", **{"x-user": "u"})
+        assert calls == []
+        assert value(registry, "asgi_ratelimit_decisions_total", rule="a", result="allowed") == 6
+
+    async def test_metrics_off(self) -> None:
+        registry = CollectorRegistry()
+        app = make(registry, metrics=False)
+        await get(app, "/a", **{"x-user": "u"})
+        assert app.limiter.metrics is None
+        assert list(registry.collect()) == []
+
+
+class TestRegistry:
+    def test_two_middlewares_share_one_registry(self) -> None:
+        registry = CollectorRegistry()
+        first, second = make(registry), make(registry)
+        assert first.limiter.metrics is second.limiter.metrics
+
+    def test_the_global_registry_by_default(self) -> None:
+        from prometheus_client import REGISTRY
+
+        app = Starlette()
+        assert RateLimitMiddleware(app).registry is REGISTRY
+        RateLimitMiddleware(app)  # built twice: no duplicated-timeseries error
+
+    def test_every_error_kind_is_exported_at_zero(self) -> None:
+        registry = CollectorRegistry()
+        make(registry)
+        for kind in ERROR_KINDS:
+            assert registry.get_sample_value("asgi_ratelimit_backend_errors_total", {"kind": kind}) == 0
+        assert registry.get_sample_value("asgi_ratelimit_breaker_state") == 0
+
+
+def exposition(registry: CollectorRegistry) -> str:
+    from prometheus_client import generate_latest
+
+    return generate_latest(registry).decode()
+
+
+class TestExposition:
+    async def test_served_as_prometheus_text_and_exempt_from_limiting(self) -> None:
+        registry = CollectorRegistry()
+        app = make(
+            registry, rules=[Rule("/{p:path}", "1/minute", key=lambda r: "all", name="all")], metrics_path="/metrics"
+        )
+        await get(app, "/a")
+        for _ in range(3):
+            response = await get(app, "/metrics")
+            assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/plain; version=")
+        assert "ratelimit" not in response.headers
+        families = {f.name: f for f in text_string_to_metric_families(response.text)}
+        assert {
+            "asgi_ratelimit_decisions",
+            "asgi_ratelimit_backend_latency_seconds",
+            "asgi_ratelimit_backend_errors",
+            "asgi_ratelimit_breaker_state",
+        } <= set(families)
+        assert families["asgi_ratelimit_decisions"].type == "counter"
+        assert families["asgi_ratelimit_backend_latency_seconds"].type == "histogram"
+
+    async def test_openmetrics_when_asked(self) -> None:
+        registry = CollectorRegistry()
+        app = make(registry, metrics_path="/metrics")
+        await get(app, "/a", **{"x-user": "u"})
+        response = await get(app, "/metrics", accept="application/openmetrics-text; version=1.0.0")
+        assert response.headers["content-type"].startswith("application/openmetrics-text")
+        assert response.text.endswith("# EOF\n")
+
+    async def test_promtool_accepts_it(self) -> None:
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            pytest.skip("promtool is not installed (CI installs the prometheus package): cannot run promtool check")
+        registry = CollectorRegistry()
+        app = make(registry, backend=Broken(), metrics_path="/metrics")
+        await get(app, "/a", **{"x-user": "u"})
+        text = (await get(app, "/metrics")).text
+        result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

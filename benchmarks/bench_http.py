@@ -13,7 +13,7 @@ Prints medians and ratios (against the bare app of the same framework, and ours 
 writes the raw per-round figures with the environment to benchmarks/results/http-<timestamp>.json.
 
     python benchmarks/bench_http.py --quick          # smoke test, under a minute
-    python benchmarks/bench_http.py                  # the default run, about 6-7 minutes
+    python benchmarks/bench_http.py                  # the default run, about 7 minutes
     python benchmarks/bench_http.py --only slowapi,ours-redis --rounds 5
 """
 

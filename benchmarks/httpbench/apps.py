@@ -119,8 +119,10 @@ def _bare(framework: Framework) -> Callable[[BuildContext], Built]:
 
 
 def _ours(
-    backend: Literal["memory", "redis"], per_minute: int, framework: Framework
+    backend: Literal["memory", "redis"], per_minute: int, framework: Framework, algorithm: str | None = None
 ) -> Callable[[BuildContext], Built]:
+    """Ours as documented; ``algorithm`` None keeps Rule's default (the exact sliding-window log)."""
+
     def build(ctx: BuildContext) -> Built:
         from asgi_ratelimit import MemoryBackend, RateLimitMiddleware, RedisBackend, Rule
 
@@ -135,7 +137,8 @@ def _ours(
             else RedisBackend.from_url(ctx.redis_url, prefix=ctx.prefix)
         )
         app = starlette_app() if framework == "starlette" else fastapi_app()
-        rules = [Rule("/", f"{per_minute}/minute", key=ClientIP())]
+        options = {} if algorithm is None else {"algorithm": algorithm}
+        rules = [Rule("/", f"{per_minute}/minute", key=ClientIP(), **options)]
         # The peers wait for Redis however long it takes. With the default 50 ms budget a loaded machine
         # (this one is shared) would time some calls out and measure the fail-open path instead of limiting.
         app.add_middleware(RateLimitMiddleware, backend=store, rules=rules, timeout=OURS_TIMEOUT)
@@ -305,6 +308,16 @@ CONFIGS: tuple[Config, ...] = (
         "fastapi",
         "ours",
         _ours("redis", OPEN_PER_MINUTE, "fastapi"),
+        redis=True,
+        requires=OURS_REQUIRES,
+    ),
+    # Like for like: slowapi and asgi-ratelimit count in fixed windows, ours defaults to an exact sliding log.
+    Config(
+        "ours-redis-fixed",
+        "asgi_ratelimit, RedisBackend, fixed window",
+        "starlette",
+        "ours",
+        _ours("redis", OPEN_PER_MINUTE, "starlette", algorithm="fixed_window"),
         redis=True,
         requires=OURS_REQUIRES,
     ),

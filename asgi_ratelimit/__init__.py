@@ -2,6 +2,7 @@
 
 from .backends import Backend, MemoryBackend, RedisBackend
 from .errors import BackendError, ConfigurationError
+from .extractors import ClientIP, FirstOf, Header, JWTClaim
 from .health import operations_app
 from .middleware import RateLimitMiddleware
 from .policies import (
@@ -22,9 +23,13 @@ __all__ = [
     "GCRA",
     "Backend",
     "BackendError",
+    "ClientIP",
     "ConfigurationError",
     "Decision",
+    "FirstOf",
     "FixedWindow",
+    "Header",
+    "JWTClaim",
     "MemoryBackend",
     "Policy",
     "RateLimitMiddleware",

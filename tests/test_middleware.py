@@ -32,8 +32,12 @@ from starlette.websockets import WebSocket
 from asgi_ratelimit import (
     Backend,
     BackendError,
+    ClientIP,
     ConfigurationError,
     Decision,
+    FirstOf,
+    Header,
+    JWTClaim,
     MemoryBackend,
     RateLimitMiddleware,
     RedisBackend,
@@ -987,3 +991,132 @@ class TestWebSocket:
             assert channel.sent[0]["type"] == "websocket.accept"
             assert b"ratelimit" not in header_map(channel.sent[0])
 
+
+# -- key extractors through the middleware --------------------------------------------------------
+
+JWT_SECRET = "a-secret-of-at-least-32-bytes-for-hs256!"
+
+
+def peer_client(app: ASGIApp, peer: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, client=(peer, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver")
+
+
+def all_header_values(response: httpx.Response) -> str:
+    return "\n".join(f"{name}: {value}" for name, value in response.headers.multi_items())
+
+
+class TestExtractors:
+    async def test_client_ip_is_the_default_key(self, app_kind: str, mw_backend: Backend) -> None:
+        app = build_app(app_kind, rules=[Rule("/users/{id}", "1/minute", name="u")], backend=mw_backend)
+        async with peer_client(app, "198.51.100.7") as first, peer_client(app, "198.51.100.8") as second:
+            a = [await first.get("/users/1") for _ in range(2)]
+            b = await second.get("/users/1")
+        assert [r.status_code for r in a] == [200, 429]
+        assert b.status_code == 200
+        # The identity never appears in a header value or the body.
+        assert "198.51.100" not in all_header_values(a[1]) + a[1].text
+
+    async def test_ipv6_clients_are_grouped_by_their_64(self, mw_backend: Backend) -> None:
+        app = build_app("starlette", rules=[Rule("/users/{id}", "1/minute", name="u")], backend=mw_backend)
+        async with peer_client(app, "2001:db8:1:2::1") as one, peer_client(app, "2001:db8:1:2:ffff::9") as other:
+            assert (await one.get("/users/1")).status_code == 200
+            assert (await other.get("/users/1")).status_code == 429
+
+    async def test_client_ip_behind_a_trusted_proxy(self, mw_backend: Backend) -> None:
+        key = ClientIP(trusted_proxies=["10.0.0.0/8"])
+        app = build_app("starlette", rules=[Rule("/users/{id}", "1/minute", key=key, name="u")], backend=mw_backend)
+        async with peer_client(app, "10.0.0.1") as proxy:
+            first = await proxy.get("/users/1", headers={"x-forwarded-for": "203.0.113.5, 10.0.0.2"})
+            # A client that prepends a fake address is still itself: the walk goes right to left.
+            spoofed = await proxy.get("/users/1", headers={"x-forwarded-for": "192.0.2.1, 203.0.113.5"})
+            other = await proxy.get("/users/1", headers={"x-forwarded-for": "203.0.113.6"})
+        assert [first.status_code, spoofed.status_code, other.status_code] == [200, 429, 200]
+
+    async def test_forwarding_headers_from_an_untrusted_peer_are_ignored(self, mw_backend: Backend) -> None:
+        key = ClientIP(trusted_proxies=["10.0.0.0/8"])
+        app = build_app("starlette", rules=[Rule("/users/{id}", "1/minute", key=key, name="u")], backend=mw_backend)
+        async with peer_client(app, "198.51.100.7") as client:
+            first = await client.get("/users/1", headers={"x-forwarded-for": "203.0.113.1"})
+            rotated = await client.get("/users/1", headers={"x-forwarded-for": "203.0.113.2"})
+        assert [first.status_code, rotated.status_code] == [200, 429]
+
+    async def test_header_key(self, app_kind: str, mw_backend: Backend) -> None:
+        rules = [Rule("/users/{id}", "1/minute", key=Header("x-api-key"), name="api")]
+        app = build_app(app_kind, rules=rules, backend=mw_backend)
+        async with client_for(app) as client:
+            a = [await client.get("/users/1", headers={"x-api-key": "key-a"}) for _ in range(2)]
+            b = await client.get("/users/1", headers={"x-api-key": "key-b"})
+            anonymous = [await client.get("/users/1") for _ in range(2)]
+        assert [r.status_code for r in a] == [200, 429]
+        assert b.status_code == 200
+        assert all(r.status_code == 200 and "ratelimit" not in r.headers for r in anonymous)
+        assert "key-a" not in all_header_values(a[1]) + a[1].text
+
+    async def test_jwt_claim_key(self, app_kind: str, mw_backend: Backend) -> None:
+        import jwt
+
+        key = JWTClaim("sub", key=JWT_SECRET, algorithms=["HS256"])
+        rules = [Rule("/users/{id}", "1/minute", key=key, name="user"), Rule("/users/{id}", "100/minute", name="ip")]
+        app = build_app(app_kind, rules=rules, backend=mw_backend)
+
+        def bearer(token: str) -> dict[str, str]:
+            return {"authorization": f"Bearer {token}"}
+
+        alice = jwt.encode({"sub": "alice"}, JWT_SECRET, algorithm="HS256")
+        bob = jwt.encode({"sub": "bob"}, JWT_SECRET, algorithm="HS256")
+        forged = jwt.encode({"sub": "bob"}, "another-secret-that-is-32-bytes-long!!", algorithm="HS256")
+        async with client_for(app) as client:
+            first = await client.get("/users/1", headers=bearer(alice))
+            second = await client.get("/users/1", headers=bearer(alice))
+            forged_bob = await client.get("/users/1", headers=bearer(forged))
+            real_bob = await client.get("/users/1", headers=bearer(bob))
+        assert [first.status_code, second.status_code] == [200, 429]
+        assert set(policies_of(first)) == {"user", "ip"}
+        # A token that fails verification gives no key: only the per-IP rule applies, bob's quota is untouched.
+        assert forged_bob.status_code == 200
+        assert set(policies_of(forged_bob)) == {"ip"}
+        assert real_bob.status_code == 200
+        assert state_of(real_bob)["user"]["r"] == 0
+
+    async def test_first_of(self, mw_backend: Backend) -> None:
+        key = FirstOf(Header("x-api-key"), ClientIP())
+        app = build_app("starlette", rules=[Rule("/users/{id}", "1/minute", key=key, name="u")], backend=mw_backend)
+        async with peer_client(app, "198.51.100.7") as client:
+            with_key = [await client.get("/users/1", headers={"x-api-key": "k"}) for _ in range(2)]
+            by_ip = await client.get("/users/1")
+        assert [r.status_code for r in with_key] == [200, 429]
+        assert by_ip.status_code == 200
+
+    async def test_client_ip_on_a_websocket_handshake(self, mw_backend: Backend) -> None:
+        async def echo(websocket: WebSocket) -> None:
+            await websocket.accept()
+            await websocket.close()
+
+        app = RateLimitMiddleware(
+            Starlette(routes=[WebSocketRoute("/ws", echo)]),
+            rules=[Rule("/ws", "1/minute", name="ws")],
+            backend=mw_backend,
+            timeout=TIMEOUT,
+        )
+        types = []
+        for _ in range(2):
+            channel = Channel({"type": "websocket.connect"})
+            await asyncio.wait_for(app(ws_scope("/ws", {}, {}), channel.receive, channel.send), 5)
+            types.append(channel.sent[0]["type"])
+        assert types == ["websocket.accept", "websocket.close"]
+
+    @pytest.mark.parametrize(
+        ("make", "fragment"),
+        [
+            (lambda: ClientIP(trusted_proxies=["10.0.0.0/33"]), "10.0.0.0/33"),
+            (lambda: ClientIP(trusted_proxies=["10.0.0.1/8"]), "10.0.0.1/8"),
+            (lambda: ClientIP(trusted_proxies="10.0.0.0/8"), "'10.0.0.0/8'"),
+            (lambda: Header("x api key"), "'x api key'"),
+            (lambda: JWTClaim("sub", key=JWT_SECRET, algorithms=["none"]), "none"),
+        ],
+    )
+    def test_bad_extractor_configuration_fails_at_build_time(self, make: Callable[[], Any], fragment: str) -> None:
+        with pytest.raises(ConfigurationError) as info:
+            Rule("/login", "5/minute", key=make())
+        assert fragment in str(info.value)

@@ -1,0 +1,103 @@
+"""The example API.
+
+- ``POST /login``: 5 attempts a minute per client IP (brute-force protection).
+- ``GET /api/...``: limited per API key (the ``X-API-Key`` header), with the tier taken from the
+  ``plan`` claim of a *verified* JWT in ``Authorization: Bearer ...`` (free when absent or forged).
+- Everything: a global ceiling of 1,000 requests a second, shared by all clients.
+- ``POST /check``: the decision service, for callers in other languages.
+- ``/metrics``, ``/health`` and ``/health/live`` for operators.
+
+Run it with ``python -m example_app`` (in-memory counts), or with ``REDIS_URL`` set to use Redis.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from asgi_ratelimit import (
+    GCRA,
+    ClientIP,
+    Header,
+    JWTClaim,
+    MemoryBackend,
+    RateLimitMiddleware,
+    RedisBackend,
+    Rule,
+    TokenBucket,
+)
+from asgi_ratelimit.service import create_app as create_decision_service
+
+# A demo secret: a real deployment reads it from its secret store.
+JWT_SECRET = os.environ.get("EXAMPLE_JWT_SECRET", "example-secret-change-me-0123456789abcdef")
+
+# What each plan may do on /api: a sustained rate plus a burst allowance.
+TIERS: dict[str, list[Any]] = {
+    "free": ["10/minute", GCRA(limit=2, period=1)],
+    "pro": ["600/minute", GCRA(limit=20, period=1)],
+}
+
+plan_claim = JWTClaim("plan", key=JWT_SECRET, algorithms=["HS256"])
+
+
+def api_limits(request: Request) -> list[Any]:
+    """The limits of the caller's plan; a missing or forged token gets the free tier."""
+    plan = plan_claim(request)
+    return TIERS.get(plan if isinstance(plan, str) else "free", TIERS["free"])
+
+
+async def login(request: Request) -> JSONResponse:
+    return JSONResponse({"token": "a session token would be here"})
+
+
+async def items(request: Request) -> JSONResponse:
+    return JSONResponse({"items": [{"id": 1, "name": "widget"}, {"id": 2, "name": "gadget"}]})
+
+
+async def home(request: Request) -> JSONResponse:
+    return JSONResponse({"see": ["/login", "/api/items", "/check", "/metrics", "/health"]})
+
+
+def build_backend() -> Any:
+    """Redis when REDIS_URL is set, else in-process counts."""
+    url = os.environ.get("REDIS_URL")
+    return RedisBackend.from_url(url, prefix="example:") if url else MemoryBackend()
+
+
+def create_app() -> Starlette:
+    """The example app, with its rate limits."""
+    backend = build_backend()
+    # Behind a load balancer, list its addresses here so X-Forwarded-For is believed from it only.
+    client_ip = ClientIP(
+        trusted_proxies=os.environ.get("TRUSTED_PROXIES", "").split(",") if os.environ.get("TRUSTED_PROXIES") else ()
+    )
+    app = Starlette(
+        routes=[
+            Route("/", home),
+            Route("/login", login, methods=["POST"]),
+            Route("/api/items", items),
+            Mount("/", app=create_decision_service(backend)),
+        ]
+    )
+    app.add_middleware(
+        RateLimitMiddleware,
+        backend=backend,
+        rules=[
+            Rule("/login", "5/minute", key=client_ip, methods=["POST"], name="login"),
+            Rule("/api/{path:path}", api_limits, key=Header("X-API-Key"), name="api"),
+            Rule(
+                "/{path:path}", TokenBucket(capacity=1000, refill_rate=1000), key=lambda request: "all", name="global"
+            ),
+        ],
+        metrics_path="/metrics",
+        health_path="/health",
+    )
+    return app
+
+
+app = create_app()

@@ -165,3 +165,36 @@ class TestExposition:
         text = (await get(app, "/metrics")).text
         result = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True, timeout=30)
         assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+class TestDocs:
+    def test_the_grafana_dashboard_uses_only_these_metrics(self) -> None:
+        import json
+        import re
+        from pathlib import Path
+
+        dashboard = json.loads((Path(__file__).parent.parent / "docs" / "grafana-dashboard.json").read_text())
+        exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+        assert exprs and dashboard["title"] and dashboard["uid"]
+        names = {name for expr in exprs for name in re.findall(r"asgi_ratelimit_\w+", expr)}
+        assert names <= {
+            "asgi_ratelimit_decisions_total",
+            "asgi_ratelimit_backend_latency_seconds_bucket",
+            "asgi_ratelimit_backend_errors_total",
+            "asgi_ratelimit_breaker_state",
+        }
+
+    def test_promtool_accepts_the_alert_rules(self, tmp_path: object) -> None:
+        import re
+        from pathlib import Path
+
+        promtool = shutil.which("promtool")
+        if promtool is None:
+            pytest.skip("promtool is not installed (CI installs the prometheus package): cannot check the rules")
+        text = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+        match = re.search(r"```yaml\n(groups:.*?)```", text, re.S)
+        assert match is not None
+        rules = Path(str(tmp_path)) / "rules.yml"
+        rules.write_text(match.group(1))
+        result = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, timeout=30)
+        assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()

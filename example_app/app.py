@@ -1,8 +1,9 @@
 """The example API.
 
 - ``POST /login``: 5 attempts a minute per client IP (brute-force protection).
-- ``GET /api/...``: limited per API key (the ``X-API-Key`` header), with the tier taken from the
-  ``plan`` claim of a *verified* JWT in ``Authorization: Bearer ...`` (free when absent or forged).
+- ``GET /api/...``: limited per API key (the ``X-API-Key`` header; per client IP without one), with the
+  tier taken from the ``plan`` claim of a *verified* JWT in ``Authorization: Bearer ...`` (free when
+  absent or forged).
 - Everything: a global ceiling of 1,000 requests a second, shared by all clients.
 - ``POST /check``: the decision service, for callers in other languages.
 - ``/metrics``, ``/health`` and ``/health/live`` for operators.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -23,6 +25,7 @@ from starlette.routing import Mount, Route
 from asgi_ratelimit import (
     GCRA,
     ClientIP,
+    FirstOf,
     Header,
     JWTClaim,
     MemoryBackend,
@@ -69,13 +72,21 @@ def build_backend() -> Any:
     return RedisBackend.from_url(url, prefix="example:") if url else MemoryBackend()
 
 
-def create_app() -> Starlette:
-    """The example app, with its rate limits."""
-    backend = build_backend()
-    # Behind a load balancer, list its addresses here so X-Forwarded-For is believed from it only.
-    client_ip = ClientIP(
-        trusted_proxies=os.environ.get("TRUSTED_PROXIES", "").split(",") if os.environ.get("TRUSTED_PROXIES") else ()
-    )
+def create_app(backend: Any = None, *, registry: CollectorRegistry | None = None) -> Starlette:
+    """The example app, with its rate limits.
+
+    Args:
+        backend: where counts live; by default Redis when ``REDIS_URL`` is set, else in memory.
+        registry: the Prometheus registry for the metrics (and ``/metrics``); by default the global one.
+    """
+    backend = build_backend() if backend is None else backend
+    # Behind a load balancer, list its addresses (comma-separated) in TRUSTED_PROXIES so that
+    # X-Forwarded-For is believed from it only.
+    proxies = [entry.strip() for entry in os.environ.get("TRUSTED_PROXIES", "").split(",") if entry.strip()]
+    client_ip = ClientIP(trusted_proxies=proxies)
+    # A caller without an API key is counted per address, at the free tier, instead of escaping the rule.
+    # (API keys here are whatever the client sends: a real service rejects unknown ones before this point.)
+    api_key = FirstOf(Header("X-API-Key"), client_ip)
     app = Starlette(
         routes=[
             Route("/", home),
@@ -89,13 +100,14 @@ def create_app() -> Starlette:
         backend=backend,
         rules=[
             Rule("/login", "5/minute", key=client_ip, methods=["POST"], name="login"),
-            Rule("/api/{path:path}", api_limits, key=Header("X-API-Key"), name="api"),
+            Rule("/api/{path:path}", api_limits, key=api_key, name="api"),
             Rule(
                 "/{path:path}", TokenBucket(capacity=1000, refill_rate=1000), key=lambda request: "all", name="global"
             ),
         ],
         metrics_path="/metrics",
         health_path="/health",
+        registry=registry,
     )
     return app
 

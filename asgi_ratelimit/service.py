@@ -2,49 +2,108 @@
 
 ``create_app(backend)`` builds it; the module-level ``app`` runs on MemoryBackend.  Input is
 checked field by field: a bad request gets a 400 or 422 problem+json naming the field, and
-never reaches the backend, so it can never change a counter.
+never reaches the backend, so it can never change a counter.  ``/health``, ``/health/live``
+and ``/metrics`` are the operations routes of health.py; ``/openapi.json`` describes it all.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final
 
+from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .backends.base import Backend
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .headers import policy_item, rate_limit_headers, sf_string
-from .limiter import Limiter
-from .policies import GCRA, FixedWindow, Policy, SlidingWindow, SlidingWindowCounter, TokenBucket
+from .health import OperationsApp
+from .limiter import Limiter, Span
+from .policies import (
+    _MAX_COUNT,
+    _MAX_WINDOW_US,
+    _MIN_WINDOW_US,
+    GCRA,
+    MICROS,
+    FixedWindow,
+    Policy,
+    SlidingWindow,
+    SlidingWindowCounter,
+    TokenBucket,
+)
 
-__all__ = ["MAX_BODY_BYTES", "MAX_KEY_BYTES", "app", "create_app", "parse_check"]
+__all__ = ["MAX_BODY_BYTES", "MAX_COST", "MAX_KEY_BYTES", "BadRequest", "app", "create_app", "parse_check"]
 
-MAX_BODY_BYTES = 64 * 1024
-MAX_KEY_BYTES = 1024
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_KEY_BYTES: Final = 1024
+#: The largest cost a hit may take; a cost above the policy's capacity is a "never" decision.
+MAX_COST: Final = _MAX_COUNT
 
-# For each algorithm: its policy class and its parameters with their JSON types.
 _INT = "integer"
 _NUM = "number"
-ALGORITHM_FIELDS: dict[str, tuple[type[Policy], dict[str, str], tuple[str, ...]]] = {
-    # name: (class, {field: type}, optional fields)
-    "token_bucket": (TokenBucket, {"capacity": _INT, "refill_rate": _NUM}, ()),
-    "sliding_window": (SlidingWindow, {"limit": _INT, "window": _NUM}, ()),
-    "fixed_window": (FixedWindow, {"limit": _INT, "window": _NUM}, ()),
-    "sliding_window_counter": (SlidingWindowCounter, {"limit": _INT, "window": _NUM}, ()),
-    "gcra": (GCRA, {"limit": _INT, "period": _NUM, "burst": _INT}, ("burst",)),
+_MIN_SECONDS = _MIN_WINDOW_US / MICROS
+_MAX_SECONDS = _MAX_WINDOW_US // MICROS
+# The JSON Schema bounds of each kind of parameter (the policies hold the same bounds).
+_Bounds = dict[str, float]
+_COUNT_BOUNDS: _Bounds = {"minimum": 1, "maximum": _MAX_COUNT}
+_SECONDS_BOUNDS: _Bounds = {"minimum": _MIN_SECONDS, "maximum": _MAX_SECONDS}
+_RATE_BOUNDS: _Bounds = {"minimum": 0.000001, "maximum": _MAX_COUNT}
+
+
+@dataclass(frozen=True)
+class _Algorithm:
+    """What /check accepts for one algorithm."""
+
+    cls: type[Policy]
+    fields: dict[str, str]  # parameter -> JSON type, in the policy's argument order
+    bounds: dict[str, _Bounds]
+    optional: tuple[str, ...]
+    # Values of the parameters under which any one of them, alone within its bounds, builds a
+    # valid policy: swapping the request's values in one at a time finds the field at fault.  A
+    # bound that two fields break together is blamed on the later one: refill_rate when a bucket
+    # would take longer than the longest window to refill, burst when GCRA's tolerance is too long.
+    lenient: dict[str, float]
+
+
+_WINDOW_FIELDS = {"limit": _INT, "window": _NUM}
+_WINDOW_BOUNDS: dict[str, _Bounds] = {"limit": _COUNT_BOUNDS, "window": _SECONDS_BOUNDS}
+ALGORITHMS: Final[dict[str, _Algorithm]] = {
+    "token_bucket": _Algorithm(
+        TokenBucket,
+        {"capacity": _INT, "refill_rate": _NUM},
+        {"capacity": _COUNT_BOUNDS, "refill_rate": _RATE_BOUNDS},
+        (),
+        {"capacity": 1, "refill_rate": _MAX_COUNT},
+    ),
+    "sliding_window": _Algorithm(SlidingWindow, _WINDOW_FIELDS, _WINDOW_BOUNDS, (), {"limit": 1, "window": 1}),
+    "fixed_window": _Algorithm(FixedWindow, _WINDOW_FIELDS, _WINDOW_BOUNDS, (), {"limit": 1, "window": 1}),
+    "sliding_window_counter": _Algorithm(
+        SlidingWindowCounter, _WINDOW_FIELDS, _WINDOW_BOUNDS, (), {"limit": 1, "window": 1}
+    ),
+    "gcra": _Algorithm(
+        GCRA,
+        {"limit": _INT, "period": _NUM, "burst": _INT},
+        {"limit": _COUNT_BOUNDS, "period": _SECONDS_BOUNDS, "burst": _COUNT_BOUNDS},
+        ("burst",),
+        {"limit": _MAX_COUNT, "period": _MIN_SECONDS, "burst": 1},
+    ),
 }
-_COMMON = {"key", "algorithm", "cost"}
+_COMMON = ("key", "algorithm", "cost")
 
 
 class BadRequest(Exception):
-    """A request the service refuses, with the status and the field at fault."""
+    """A request the service refuses, with the status and the field at fault (None for the body as a whole)."""
 
     def __init__(self, status: int, detail: str, field: str | None = None) -> None:
         super().__init__(detail)
@@ -53,9 +112,14 @@ class BadRequest(Exception):
         self.field = field
 
 
-def _problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type="application/problem+json")
+def _problem(
+    status: int, detail: str, field: str | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
+    body["detail"] = detail
+    if field is not None:
+        body["field"] = field
+    return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
 def _is_int(value: object) -> bool:
@@ -63,104 +127,177 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    # An int is always finite (math.isfinite would overflow on a huge one); a float must be.
+    return _is_int(value) or (isinstance(value, float) and math.isfinite(value))
+
+
+def _offending_field(spec: _Algorithm, arguments: dict[str, Any]) -> str:
+    """The parameter that makes ``spec.cls(**arguments)`` raise ConfigurationError."""
+    trial = {name: spec.lenient[name] for name in arguments}
+    for name, value in arguments.items():
+        trial[name] = value
+        try:
+            spec.cls(**trial)
+        except ConfigurationError:
+            return name
+    return list(arguments)[-1]  # not reached: the last trial is ``arguments`` itself
 
 
 def parse_check(payload: object) -> tuple[str, Policy, int]:
     """Validate a /check body and return (key, policy, cost); raise BadRequest naming the field."""
     if not isinstance(payload, Mapping):
-        raise BadRequest(422, "The body must be a JSON object.")
-    algorithm = payload.get("algorithm")
+        raise BadRequest(422, f"The body must be a JSON object, got a JSON {_json_kind(payload)}.")
     if "algorithm" not in payload:
         raise BadRequest(422, 'The field "algorithm" is required.', "algorithm")
-    if not isinstance(algorithm, str) or algorithm not in ALGORITHM_FIELDS:
+    algorithm = payload["algorithm"]
+    if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
         raise BadRequest(
             422,
-            f'The field "algorithm" must be one of {", ".join(sorted(ALGORITHM_FIELDS))}; got {algorithm!r}.',
+            f'The field "algorithm" must be one of {", ".join(ALGORITHMS)}; got {_show(algorithm)}.',
             "algorithm",
         )
-    cls, fields, optional = ALGORITHM_FIELDS[algorithm]
-    unknown = sorted(set(payload) - _COMMON - set(fields))
+    spec = ALGORITHMS[algorithm]
+    unknown = sorted(name for name in payload if name not in _COMMON and name not in spec.fields)
     if unknown:
-        raise BadRequest(422, f'Unknown field "{unknown[0]}" for algorithm "{algorithm}".', unknown[0])
-    key = payload.get("key")
+        allowed = ", ".join(f'"{name}"' for name in (*_COMMON, *spec.fields))
+        raise BadRequest(
+            422, f'Unknown field {_show(unknown[0])} for algorithm "{algorithm}": expected {allowed}.', unknown[0]
+        )
     if "key" not in payload:
         raise BadRequest(422, 'The field "key" is required.', "key")
+    key = payload["key"]
     if not isinstance(key, str) or not key:
-        raise BadRequest(422, 'The field "key" must be a non-empty string.', "key")
+        raise BadRequest(422, f'The field "key" must be a non-empty string; got {_show(key)}.', "key")
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
-        raise BadRequest(422, f'The field "key" must be at most {MAX_KEY_BYTES} bytes.', "key")
+        raise BadRequest(422, f'The field "key" must be at most {MAX_KEY_BYTES} bytes in UTF-8.', "key")
     cost = payload.get("cost", 1)
-    if not _is_int(cost) or cost < 1:
-        raise BadRequest(422, f'The field "cost" must be a whole number of at least 1; got {cost!r}.', "cost")
+    if not _is_int(cost) or not 1 <= cost <= MAX_COST:
+        raise BadRequest(
+            422, f'The field "cost" must be a whole number from 1 to {MAX_COST:,}; got {_show(cost)}.', "cost"
+        )
     arguments: dict[str, Any] = {}
-    for name, kind in fields.items():
+    for name, kind in spec.fields.items():
         if name not in payload:
-            if name in optional:
+            if name in spec.optional:
                 continue
             raise BadRequest(422, f'The field "{name}" is required for algorithm "{algorithm}".', name)
         value = payload[name]
-        valid = _is_int(value) if kind == _INT else _is_number(value)
-        if not valid:
-            expected = "a whole number" if kind == _INT else "a number"
-            raise BadRequest(422, f'The field "{name}" must be {expected}; got {value!r}.', name)
+        if not (_is_int(value) if kind == _INT else _is_number(value)):
+            expected = "a whole number (10, not 10.0)" if kind == _INT else "a finite number"
+            raise BadRequest(422, f'The field "{name}" must be {expected}; got {_show(value)}.', name)
         if value <= 0:
-            raise BadRequest(422, f'The field "{name}" must be above zero; got {value!r}.', name)
+            raise BadRequest(422, f'The field "{name}" must be above zero; got {_show(value)}.', name)
         arguments[name] = value
     try:
-        policy = cls(**arguments)
+        policy = spec.cls(**arguments)
     except ConfigurationError as exc:
-        raise BadRequest(422, str(exc), next(iter(arguments), None)) from None
+        field = _offending_field(spec, arguments)
+        raise BadRequest(422, f'The field "{field}" is out of range: {exc}', field) from None
     return key, policy, cost
 
 
-async def _read_body(request: Request) -> bytes:
+def _json_kind(value: object) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    if value is None:
+        return "null"
+    return "number"
+
+
+def _show(value: object) -> str:
+    """A value for an error message: JSON, cut short (a 64 KiB value must not come back whole)."""
+    text = json.dumps(value, ensure_ascii=True, default=repr)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _reject_constant(name: str) -> object:
+    # Python's json reads NaN and Infinity, which are not JSON.
+    raise ValueError(f"{name} is not JSON")
+
+
+async def _read_json(request: Request) -> object:
+    too_large = BadRequest(400, f"The body must be at most {MAX_BODY_BYTES:,} bytes.")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise BadRequest(400, f"The body must be at most {MAX_BODY_BYTES} bytes.")
+        raise too_large
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise BadRequest(400, f"The body must be at most {MAX_BODY_BYTES} bytes.")
+            raise too_large
         chunks.append(chunk)
-    return b"".join(chunks)
+    try:
+        return json.loads(b"".join(chunks), parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequest(400, "The body is nested too deeply.") from None
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise BadRequest(400, "The body must be valid JSON (UTF-8).") from None
 
 
-def create_app(backend: Backend | None = None, *, timeout: float = 0.05) -> Starlette:
+def _rule_name(algorithm: str) -> str:
+    """The metrics' rule label for a decision: one per algorithm, never the key."""
+    return f"service:{algorithm}"
+
+
+class _OperationsRoute:
+    """One operations route of health.py, as the ASGI endpoint of a Starlette Route."""
+
+    def __init__(self, operations: OperationsApp, path: str) -> None:
+        self.operations = operations
+        self.path = path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.operations.serve(self.path, scope, send)
+
+
+def create_app(
+    backend: Backend | None = None,
+    *,
+    timeout: float = 0.05,
+    registry: CollectorRegistry | None = None,
+    close_backend: bool | None = None,
+) -> Starlette:
     """Build the decision service on ``backend`` (MemoryBackend when None).
 
     Args:
-        backend: where counts live.
-        timeout: seconds a decision may take before the service answers 503.
+        backend: where counts live; a MemoryBackend of its own when None.
+        timeout: seconds a decision may take before the service answers 503 (default 0.05).
+        registry: the Prometheus registry to count on and to serve at /metrics; the global REGISTRY by default.
+        close_backend: close the backend at lifespan shutdown; by default only a backend the service built.
     """
     store: Backend = MemoryBackend() if backend is None else backend
-    limiter = Limiter(store, timeout=timeout)
+    closing = backend is None if close_backend is None else close_backend
+    counted_on = REGISTRY if registry is None else registry
+    limiter = Limiter(store, timeout=timeout, registry=counted_on)
+    if limiter.metrics is not None:
+        for algorithm in ALGORITHMS:
+            limiter.metrics.add_rule(_rule_name(algorithm))
+    operations = OperationsApp(limiter, registry=counted_on)
 
     async def check(request: Request) -> Response:
         try:
-            raw = await _read_body(request)
-            try:
-                payload = json.loads(raw)
-            except (ValueError, UnicodeDecodeError):
-                raise BadRequest(400, "The body must be valid JSON.") from None
-            key, policy, cost = parse_check(payload)
+            key, policy, cost = parse_check(await _read_json(request))
         except BadRequest as exc:
-            extra = {} if exc.field is None else {"field": exc.field}
-            title = "Bad Request" if exc.status == 400 else "Unprocessable Content"
-            return _problem(exc.status, title, exc.detail, **extra)
+            return _problem(exc.status, exc.detail, exc.field)
+        spans: list[Span] = [(_rule_name(policy.algorithm), key, 1)]
         try:
             (decision,) = await limiter.decide([(key, policy, cost)])
         except BackendError:
-            return _problem(503, "Service Unavailable", "The rate-limit backend did not answer.", retry_after=1)
+            limiter.count_failure(spans, failed_open=False)
+            return _problem(
+                503, "The rate-limit backend did not answer; nothing was counted.", headers={"Retry-After": "1"}
+            )
+        limiter.count_decisions(spans, [decision], dry_run=False)
         name = policy.algorithm
+        # denied=False: this response is a 200 and Retry-After never goes on a 2xx; on a denial
+        # the RateLimit t parameter carries the same whole seconds Retry-After would.
         headers = rate_limit_headers(
-            [decision],
-            [policy_item(name, policy.quota, policy.window_seconds)],
-            [sf_string(name)],
-            "ietf",
-            denied=not decision.allowed,
+            [decision], [policy_item(name, policy.quota, policy.window_seconds)], [sf_string(name)], "ietf", False
         )
         body = {
             "allowed": decision.allowed,
@@ -171,37 +308,73 @@ def create_app(backend: Backend | None = None, *, timeout: float = 0.05) -> Star
             "reset_after": decision.reset_after,
             "never": decision.never,
         }
-        response = JSONResponse(body)
+        response = JSONResponse(body, headers={"Cache-Control": "no-store"})
         for header, value in headers:
-            response.headers[header.decode()] = value.decode()
+            response.headers[header.decode("latin-1")] = value.decode("latin-1")
         return response
 
-    async def openapi(request: Request) -> Response:
-        return JSONResponse(openapi_document())
+    document = openapi_document()
 
-    service = Starlette(
-        routes=[
-            Route("/check", check, methods=["POST"]),
-            Route("/openapi.json", openapi, methods=["GET"]),
-        ]
-    )
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        # Unknown paths and methods answer problem+json like everything else (405 keeps its Allow).
+        assert isinstance(exc, HTTPException)
+        return _problem(exc.status_code, exc.detail, headers=exc.headers)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if closing:
+                await store.aclose()
+
+    routes = [
+        Route("/check", check, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        *(
+            Route(path, _OperationsRoute(operations, path), methods=["GET", "HEAD"])
+            for path in ("/health", "/health/live", "/metrics")
+        ),
+    ]
+    service = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     service.state.backend = store
     service.state.limiter = limiter
     return service
 
 
+def _parameter_schema(spec: _Algorithm, name: str) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": spec.fields[name], **spec.bounds[name]}
+    if spec.cls is TokenBucket and name == "refill_rate":
+        schema["description"] = f"Tokens per second; capacity / refill_rate must be at most {_MAX_SECONDS} s."
+    elif spec.cls is GCRA and name == "burst":
+        schema["description"] = (
+            f"Hits allowed at once (default: limit); burst * period / limit must be at most {2 * _MAX_SECONDS} s."
+        )
+    elif spec.fields[name] == _NUM:
+        schema["description"] = "Seconds."
+    return schema
+
+
 def openapi_document() -> dict[str, Any]:
     """The OpenAPI 3.1 description of the service."""
     variants = []
-    for algorithm, (_, fields, optional) in ALGORITHM_FIELDS.items():
+    for algorithm, spec in ALGORITHMS.items():
         properties: dict[str, Any] = {
-            "key": {"type": "string", "minLength": 1, "maxLength": MAX_KEY_BYTES},
+            "key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_KEY_BYTES,
+                "description": f"The identity to limit, at most {MAX_KEY_BYTES} bytes in UTF-8. Stored hashed.",
+            },
             "algorithm": {"const": algorithm},
-            "cost": {"type": "integer", "minimum": 1, "default": 1},
+            "cost": {"type": "integer", "minimum": 1, "maximum": MAX_COST, "default": 1},
         }
-        for name, kind in fields.items():
-            properties[name] = {"type": kind, "exclusiveMinimum": 0}
-        required = ["key", "algorithm", *(name for name in fields if name not in optional)]
+        for name in spec.fields:
+            properties[name] = _parameter_schema(spec, name)
+        required = ["key", "algorithm", *(name for name in spec.fields if name not in spec.optional)]
         variants.append(
             {
                 "title": algorithm,
@@ -211,35 +384,95 @@ def openapi_document() -> dict[str, Any]:
                 "additionalProperties": False,
             }
         )
-    problem = {"$ref": "#/components/schemas/Problem"}
+
+    def problem(description: str) -> dict[str, Any]:
+        schema = {"$ref": "#/components/schemas/Problem"}
+        return {"description": description, "content": {"application/problem+json": {"schema": schema}}}
+
+    def json_body(description: str, ref: str) -> dict[str, Any]:
+        schema = {"$ref": f"#/components/schemas/{ref}"}
+        return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+    rate_limit_header = {
+        "RateLimit-Policy": {
+            "description": 'The policy, e.g. "token_bucket";q=10;w=10 (draft-ietf-httpapi-ratelimit-headers).',
+            "schema": {"type": "string"},
+            "required": True,
+        },
+        "RateLimit": {
+            "description": 'The key\'s state, e.g. "token_bucket";r=9;t=1; on a denial t is the Retry-After value.',
+            "schema": {"type": "string"},
+            "required": True,
+        },
+    }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "asgi_ratelimit decision service", "version": "1"},
+        "info": {
+            "title": "asgi_ratelimit decision service",
+            "version": "1",
+            "description": "Rate-limit decisions over HTTP: POST /check takes cost units from a key's allowance.",
+        },
         "paths": {
             "/check": {
                 "post": {
                     "summary": "Take cost units from a key's allowance, or say when it can.",
+                    "description": (
+                        "The body is read as JSON whatever its Content-Type. A hit whose cost is above the "
+                        'policy\'s capacity can never pass: it answers allowed false, "never": true and '
+                        '"retry_after": null.'
+                    ),
                     "requestBody": {
                         "required": True,
                         "content": {"application/json": {"schema": {"oneOf": variants}}},
                     },
                     "responses": {
                         "200": {
-                            "description": "The decision (allowed or not).",
-                            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Decision"}}},
+                            **json_body("The decision, allowed or not.", "Decision"),
+                            "headers": rate_limit_header,
                         },
-                        "400": {
-                            "description": "Not JSON, or too large.",
-                            "content": {"application/problem+json": {"schema": problem}},
-                        },
-                        "422": {
-                            "description": "A field is missing or invalid.",
-                            "content": {"application/problem+json": {"schema": problem}},
-                        },
-                        "503": {
-                            "description": "The backend did not answer.",
-                            "content": {"application/problem+json": {"schema": problem}},
-                        },
+                        "400": problem(f"Not JSON, nested too deeply, or larger than {MAX_BODY_BYTES} bytes."),
+                        "422": problem('A field is missing, unknown or invalid; "field" names it.'),
+                        "503": problem("The backend did not answer; nothing was counted."),
+                    },
+                }
+            },
+            "/health": {
+                "get": {
+                    "summary": "Readiness: whether the backend answers a ping within the time budget.",
+                    "responses": {
+                        "200": json_body("The backend answers.", "Health"),
+                        "503": json_body("The backend does not answer.", "Health"),
+                    },
+                }
+            },
+            "/health/live": {
+                "get": {
+                    "summary": "Liveness: the process answers; never touches the backend.",
+                    "responses": {"200": json_body("Alive.", "Live")},
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics (OpenMetrics when the Accept header asks for it).",
+                    "responses": {
+                        "200": {
+                            "description": "The exposition.",
+                            "content": {
+                                "text/plain": {"schema": {"type": "string"}},
+                                "application/openmetrics-text": {"schema": {"type": "string"}},
+                            },
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document.",
+                    "responses": {
+                        "200": {
+                            "description": "The OpenAPI 3.1 document.",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
                     },
                 }
             },
@@ -249,13 +482,25 @@ def openapi_document() -> dict[str, Any]:
                 "Decision": {
                     "type": "object",
                     "required": ["allowed", "limit", "remaining", "retry_after", "reset_after", "never"],
+                    "additionalProperties": False,
                     "properties": {
                         "allowed": {"type": "boolean"},
-                        "limit": {"type": "integer"},
-                        "remaining": {"type": "integer", "minimum": 0},
-                        "retry_after": {"type": ["number", "null"], "minimum": 0},
-                        "reset_after": {"type": "number", "minimum": 0},
-                        "never": {"type": "boolean"},
+                        "limit": {"type": "integer", "minimum": 1, "description": "The policy's capacity."},
+                        "remaining": {"type": "integer", "minimum": 0, "description": "Units left after this hit."},
+                        "retry_after": {
+                            "type": ["number", "null"],
+                            "minimum": 0,
+                            "description": "Seconds until this hit could pass: 0 when allowed, null when never.",
+                        },
+                        "reset_after": {
+                            "type": "number",
+                            "minimum": 0,
+                            "description": "Seconds until the key's allowance is full again.",
+                        },
+                        "never": {
+                            "type": "boolean",
+                            "description": "The cost is above the capacity: no wait can make this hit pass.",
+                        },
                     },
                 },
                 "Problem": {
@@ -266,8 +511,22 @@ def openapi_document() -> dict[str, Any]:
                         "title": {"type": "string"},
                         "status": {"type": "integer"},
                         "detail": {"type": "string"},
-                        "field": {"type": "string"},
+                        "field": {"type": "string", "description": "The request field at fault, when there is one."},
                     },
+                },
+                "Health": {
+                    "type": "object",
+                    "required": ["status", "backend", "latency_ms"],
+                    "properties": {
+                        "status": {"enum": ["ok", "unavailable"]},
+                        "backend": {"type": "string"},
+                        "latency_ms": {"type": "number", "minimum": 0},
+                    },
+                },
+                "Live": {
+                    "type": "object",
+                    "required": ["status"],
+                    "properties": {"status": {"const": "ok"}},
                 },
             }
         },

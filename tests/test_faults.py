@@ -135,6 +135,8 @@ def bounded_backend(url: str, prefix: str) -> RedisBackend:
         socket_connect_timeout=0.25,
         # One quick retry: a pooled connection found dead after a restart reconnects instead of failing.
         retry=Retry(ExponentialBackoff(cap=0.01, base=0.001), 1),
+        # A connection idle through an outage is checked (PING) before its next command.
+        health_check_interval=1,
     )
     return RedisBackend(Redis.from_pool(pool), prefix=prefix)  # from_pool: aclose() closes the pool too
 

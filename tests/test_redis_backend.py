@@ -151,10 +151,10 @@ async def test_noscript_after_script_flush_is_recovered(redis_server: Any) -> No
     try:
         assert (await backend.hit("k", [policy]))[0].remaining == 4
         admin.script_flush()
-        assert admin.script_exists(backend._script.sha) == [False]
+        assert admin.script_exists(backend._call.sha) == [False]
         # The next hit reloads the script and keeps the state (the keys were not flushed).
         assert (await backend.hit("k", [policy]))[0].remaining == 3
-        assert admin.script_exists(backend._script.sha) == [True]
+        assert admin.script_exists(backend._call.sha) == [True]
     finally:
         admin.close()
         await backend.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from importlib.resources import files
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from redis.backoff import NoBackoff
 from .._keys import digest, state_key
 from ..errors import BackendError, ConfigurationError
 from ..policies import Decision, Policy
+from ._coalesce import ScriptCaller
 from .base import Hit, check_hits, decisions_from_flat
 from .memory import system_clock_us
 
@@ -37,6 +39,9 @@ class RedisBackend:
             for managed services that reject TIME in scripts: servers whose clocks disagree
             then disagree on the limits too.  A callable returning integer microseconds is
             used as the client clock (tests inject one).
+        coalesce: send hits issued while a round trip is in flight together, as one pipeline
+            (default True; ignored on Redis Cluster, where pipelines cannot carry scripts).
+            Every hit is still its own atomic script run: no decision changes.
     """
 
     def __init__(
@@ -45,6 +50,7 @@ class RedisBackend:
         *,
         prefix: str = "rl:",
         clock: Literal["server", "client"] | Callable[[], int] = "server",
+        coalesce: bool = True,
     ) -> None:
         if clock == "server":
             self._clock: Callable[[], int] | None = None
@@ -58,11 +64,25 @@ class RedisBackend:
             raise ConfigurationError(f"RedisBackend: prefix must be a string without braces, got {prefix!r}.")
         self.client = client
         self.prefix = prefix
-        self._script = client.register_script(HIT_SCRIPT)
+        self.cluster = _is_cluster(client)
+        self._call = ScriptCaller(client, HIT_SCRIPT, coalesce=coalesce and not self.cluster)
 
     @classmethod
-    def from_url(cls, url: str, *, cluster: bool = False, prefix: str = "rl:", **kwargs: Any) -> RedisBackend:
-        """Build the client from a ``redis://`` URL; keyword arguments go to redis-py."""
+    def from_url(
+        cls,
+        url: str,
+        *,
+        cluster: bool = False,
+        prefix: str = "rl:",
+        clock: Literal["server", "client"] | Callable[[], int] = "server",
+        coalesce: bool = True,
+        **kwargs: Any,
+    ) -> RedisBackend:
+        """Build the client from a ``redis://`` URL (a RedisCluster when ``cluster=True``).
+
+        Other keyword arguments go to redis-py.  Socket timeouts default to 0.5 s rather than
+        redis-py's 5 s, so a frozen Redis cannot hold a connection for long.
+        """
         kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
         kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT)
         # A pooled connection goes stale when Redis restarts (or a proxy drops idle ones): retry
@@ -76,7 +96,7 @@ class RedisBackend:
             client = RedisCluster.from_url(url, **kwargs)
         else:
             client = Redis.from_url(url, **kwargs)
-        return cls(client, prefix=prefix)
+        return cls(client, prefix=prefix, clock=clock, coalesce=coalesce)
 
     async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
         """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
@@ -88,17 +108,34 @@ class RedisBackend:
         if not hits:
             # Nothing to decide; some proxies reject a script call without keys.
             return []
-        keys, args = self._script_call(hits)
+        if self.cluster and len({identity for identity, _, _ in hits}) > 1:
+            return await self._hit_across_slots(hits)
         try:
-            flat = await self._script(keys=keys, args=args)
+            flat = await self._call(len(hits), *self._script_args(hits))
         except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             raise BackendError(f"Redis failed to decide a hit: {type(exc).__name__}: {exc}") from exc
         return decisions_from_flat(hits, flat)
 
-    def _script_call(self, hits: Sequence[Hit]) -> tuple[list[str], list[str | int]]:
-        """KEYS and ARGV for hit.lua (see the contract at the top of the script)."""
+    async def _hit_across_slots(self, hits: Sequence[Hit]) -> list[Decision]:
+        """On a cluster, each identity's keys live in their own slot: one call per identity, all at once.
+
+        Each identity's policies stay all-or-nothing; across identities (two rules keyed on the IP
+        and on the API key) the calls are independent, as no script can span two slots.
+        """
+        groups: dict[str, list[int]] = {}
+        for index, (identity, _, _) in enumerate(hits):
+            groups.setdefault(identity, []).append(index)
+        parts = await asyncio.gather(*(self.hit_many([hits[i] for i in indexes]) for indexes in groups.values()))
+        decisions: list[Decision | None] = [None] * len(hits)
+        for indexes, part in zip(groups.values(), parts, strict=True):
+            for index, decision in zip(indexes, part, strict=True):
+                decisions[index] = decision
+        return [decision for decision in decisions if decision is not None]
+
+    def _script_args(self, hits: Sequence[Hit]) -> list[str | int]:
+        """KEYS then ARGV for hit.lua (see the contract at the top of the script)."""
+        keys: list[str | int] = []
         args: list[str | int] = ["" if self._clock is None else self._clock()]
-        keys = []
         digests: dict[str, str] = {}
         for identity, policy, cost in hits:
             hashed = digests.get(identity)
@@ -106,7 +143,8 @@ class RedisBackend:
                 hashed = digests[identity] = digest(identity)
             keys.append(state_key(self.prefix, hashed, policy))
             args += (policy.code, cost, *policy.params)
-        return keys, args
+        keys += args
+        return keys
 
     async def ping(self) -> None:
         """Raise BackendError unless Redis answers PING."""
@@ -115,6 +153,17 @@ class RedisBackend:
         except redis_errors.RedisError as exc:
             raise BackendError(f"Redis did not answer PING: {type(exc).__name__}: {exc}") from exc
 
+    @property
+    def round_trips(self) -> int:
+        """Script round trips made so far (a pipeline of coalesced hits counts once)."""
+        return self._call.round_trips
+
     async def aclose(self) -> None:
         """Close the client's connections."""
         await self.client.aclose()
+
+
+def _is_cluster(client: Any) -> bool:
+    from redis.asyncio.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)

@@ -187,6 +187,10 @@ def parse_check(payload: object) -> tuple[str, Policy, int]:
             raise BadRequest(422, f'The field "{name}" must be {expected}; got {_show(value)}.', name)
         if value <= 0:
             raise BadRequest(422, f'The field "{name}" must be above zero; got {_show(value)}.', name)
+        highest = spec.bounds[name]["maximum"]
+        if value > highest:
+            # Checked here too: the policies' float checks overflow on an integer past a double's range.
+            raise BadRequest(422, f'The field "{name}" must be at most {highest:,}; got {_show(value)}.', name)
         arguments[name] = value
     try:
         policy = spec.cls(**arguments)

@@ -1,4 +1,4 @@
-"""Developer tasks, one session per gate: nox -s tests | lint | typecheck | bench."""
+"""Developer tasks, one session per gate: nox -s tests | lint | typecheck | bench | docs | plots | example | demo."""
 
 from __future__ import annotations
 
@@ -46,3 +46,34 @@ def bench(session: nox.Session) -> None:
         session.install("-r", str(requirements))
     for script in sorted(Path("benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
+
+
+EXAMPLE_DEPS = (".[jwt]", "uvicorn>=0.30")
+
+
+@nox.session
+def example(session: nox.Session) -> None:
+    """The example app on http://127.0.0.1:8000, in memory (REDIS_URL for Redis); args go to python -m example_app."""
+    session.install("-e", *EXAMPLE_DEPS)
+    session.run("python", "-m", "example_app", *session.posargs)
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Start the example app, send it bursts, print each answer's status and rate-limit headers, stop it."""
+    session.install("-e", *EXAMPLE_DEPS)
+    session.run("python", "-m", "example_app.demo", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site with mkdocs --strict (a broken link or a page missing from nav fails)."""
+    session.install("mkdocs-material")
+    session.run("mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session
+def plots(session: nox.Session) -> None:
+    """Redraw docs/plots/*.png: each algorithm under the same bursty traffic, decided by the real engine."""
+    session.install("-e", ".", "matplotlib")
+    session.run("python", "scripts/plots.py", *session.posargs)

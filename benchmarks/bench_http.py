@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=int, help="seconds of each measured wrk run (default 5, --quick 1)")
     parser.add_argument("--warmup", type=int, help="seconds of wrk warm-up before each (default 1, --quick 0)")
     parser.add_argument(
-        "--inprocess-seconds", type=float, help="seconds of each in-process run (default 1.0, --quick 0.2)"
+        "--inprocess-seconds", type=float, help="seconds of each in-process run (default 1.0, --quick 0.1)"
     )
     parser.add_argument("--concurrency", type=int, default=50, help="requests in flight / wrk connections (50)")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/1", help="the Redis every limiter uses")
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rounds = args.rounds or (1 if quick else 3)
     args.duration = args.duration or (1 if quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if quick else 1)
-    args.inprocess_seconds = args.inprocess_seconds or (0.2 if quick else 1.0)
+    args.inprocess_seconds = args.inprocess_seconds or (0.1 if quick else 1.0)
     return args
 
 
@@ -173,7 +173,7 @@ def key_prefix(run_id: str, config: Config) -> str:
 def exact_redis_counts(configs: list[Config], args: argparse.Namespace, run_id: str) -> dict[str, Any]:
     """Per-request Redis figures for each Redis config, on a private redis-server that nothing else uses."""
     results: dict[str, Any] = {}
-    seconds = 0.1 if args.quick else 0.3
+    seconds = 0.06 if args.quick else 0.3
     try:
         with server.private_redis() as url:
             client = redis.Redis.from_url(url)

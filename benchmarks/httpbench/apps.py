@@ -75,8 +75,8 @@ def missing_requirement(config: Config) -> str | None:
         module_name, _, attribute = requirement.partition(":")
         try:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            return f"cannot import {module_name} ({exc})"
+        except Exception as exc:  # not only ImportError: a package mid-edit can raise anything on import
+            return f"cannot import {module_name} ({type(exc).__name__}: {exc})"
         if attribute and not hasattr(module, attribute):
             return f"{module_name}.{attribute} does not exist yet"
     return None

@@ -1,7 +1,15 @@
-"""The Python snippets in the middleware's docs pages run as they are, and the apps they build answer."""
+"""Every Python snippet in the docs and the README runs as it is, and the apps it builds answer.
+
+A snippet that cannot run here says so in the markdown, on the line just before its fence:
+
+    <!-- docs-test: skip (the reason, shown in the test report) -->
+    <!-- docs-test: redis -->   (talks to a Redis server: runs where one answers, skips or fails like the
+                                 other ``redis`` tests otherwise, with REDIS_URL exported to it)
+"""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 from typing import Any
@@ -9,35 +17,69 @@ from typing import Any
 import httpx
 import pytest
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
-PAGES = ["quickstart.md", "rules.md", "headers.md"]
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+PAGES = [*sorted(path.name for path in DOCS.glob("*.md")), "README.md"]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|redis)\b\s*(.*?)\s*-->\s*\Z")
+
+
+def page_path(page: str) -> Path:
+    return ROOT / page if page == "README.md" else DOCS / page
 
 
 def snippets() -> list[Any]:
     found = []
     for page in PAGES:
-        text = (DOCS / page).read_text(encoding="utf-8")
+        text = page_path(page).read_text(encoding="utf-8")
         for index, match in enumerate(FENCE.finditer(text)):
             line = text.count("\n", 0, match.start()) + 2
-            found.append(pytest.param(match.group(1), id=f"{page}:{line}:{index}"))
+            before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
+            marker = MARKER.search(before)
+            marks: list[Any] = []
+            if marker and marker.group(1) == "skip":
+                reason = marker.group(2).strip("() ") or "marked docs-test: skip"
+                marks.append(pytest.mark.skip(reason=f"{page}:{line}: {reason}"))
+            elif marker:
+                marks.append(pytest.mark.redis)
+            param_id = f"{page}:{line}:{index}"
+            found.append(
+                pytest.param(
+                    match.group(1), marker is not None and marker.group(1) == "redis", id=param_id, marks=marks
+                )
+            )
     return found
 
 
-def test_every_page_has_snippets() -> None:
+def test_the_docs_have_snippets() -> None:
     pages = {param.id.split(":")[0] for param in snippets()}
-    assert pages == set(PAGES)
+    # The middleware's pages at least; any page may add more, and every one found is run.
+    assert {"quickstart.md", "rules.md", "headers.md", "algorithms.md", "extractors.md", "index.md"} <= pages
 
 
-@pytest.mark.parametrize("source", snippets())
-async def test_snippet_runs(source: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_markers_are_spelled_right() -> None:
+    for page in PAGES:
+        for line in page_path(page).read_text(encoding="utf-8").splitlines():
+            if "docs-test" in line:
+                assert MARKER.search(line.strip()), f"{page}: unknown docs-test marker {line.strip()!r}"
+
+
+async def _request_root(app: Any) -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        return await client.get("/")
+
+
+@pytest.mark.parametrize(("source", "needs_redis"), snippets())
+def test_snippet_runs(source: str, needs_redis: bool, request: pytest.FixtureRequest, monkeypatch: Any) -> None:
+    if needs_redis:
+        monkeypatch.setenv("REDIS_URL", request.getfixturevalue("redis_url"))
     namespace: dict[str, Any] = {"__name__": "docs_snippet"}
+    # A plain (not async) test: snippets call asyncio.run() themselves, which needs no running loop.
     exec(compile(source, "<docs snippet>", "exec"), namespace)
-    if "RedisBackend" in source:
+    if "RedisBackend" in source and not needs_redis:
         return  # building it is the test; a request would write to the machine's Redis
-    apps = [value for name, value in namespace.items() if name in ("app", "other")]
-    for app in apps:
-        # Starlette builds its middleware at the first request: a configuration mistake shows here.
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
-            response = await client.get("/")
-        assert response.status_code in (200, 404, 405), response.text
+    for name in ("app", "other"):
+        if name in namespace:
+            # Starlette builds its middleware at the first request: a configuration mistake shows here.
+            response = asyncio.run(_request_root(namespace[name]))
+            assert response.status_code in (200, 404, 405), response.text

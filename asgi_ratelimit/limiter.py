@@ -23,6 +23,7 @@ from typing import Any, Final, Literal, TypeVar
 from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 
+from ._deny_cache import DenyCache
 from ._keys import digest
 from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
@@ -100,6 +101,9 @@ class Limiter:
         log_interval: the least number of seconds between two log lines about a failing backend.
         max_abandoned: abandoned calls still running that open the breaker, whatever the failure count.
         clock: a monotonic clock in seconds for the breaker and the log throttle (tests inject one).
+        deny_cache: answer a hit that was just denied from memory until Redis could first allow it
+            (exact: see _deny_cache.py); True by default, unused with the in-memory backend.
+        deny_cache_size: the most denials remembered at once.
     """
 
     def __init__(
@@ -113,6 +117,8 @@ class Limiter:
         log_interval: float = 10.0,
         max_abandoned: int = 256,
         clock: Callable[[], float] = time.monotonic,
+        deny_cache: bool = True,
+        deny_cache_size: int = 10_000,
     ) -> None:
         self.backend = backend
         self.timeout = _check_number("timeout", timeout, 0, 60)
@@ -131,8 +137,15 @@ class Limiter:
         self._clock = clock
         self.registry = registry
         self.metrics: LimiterMetrics | None = None if registry is None else metrics_for(registry)
-        # The in-memory backend never waits on I/O: no task, no timer.
+        # The in-memory backend never waits on I/O: no task, no timer, nothing to cache.
         self._in_process = isinstance(backend, MemoryBackend)
+        if isinstance(deny_cache_size, bool) or not isinstance(deny_cache_size, int) or deny_cache_size < 1:
+            raise ConfigurationError(f"deny_cache_size must be a whole number of at least 1, got {deny_cache_size!r}.")
+        self.deny_cache: DenyCache | None = (
+            DenyCache(deny_cache_size, clock)
+            if deny_cache and not self._in_process and getattr(backend, "real_time", True)
+            else None
+        )
 
         self._state: BreakerState = CLOSED
         self._failures = 0  # consecutive
@@ -163,6 +176,13 @@ class Limiter:
 
     async def decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
+        cache = self.deny_cache
+        if cache is not None:
+            signature = tuple(hits)
+            cached = cache.get(signature)
+            if cached is not None:
+                return cached
+            sent_at = self._clock()
         probe = False
         if self._state is not CLOSED or self._abandoned >= self.max_abandoned:
             probe = self._admit()  # raises _BreakerOpen unless this call is the probe
@@ -189,6 +209,8 @@ class Limiter:
             metrics.backend_latency.observe(time.perf_counter() - started)
         if self._failures or probe or self._failing_since is not None:
             self._succeeded(probe)
+        if cache is not None and not all(decision.allowed for decision in decisions):
+            cache.put(signature, decisions, sent_at)
         return decisions
 
     async def ping(self) -> float:

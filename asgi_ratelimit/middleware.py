@@ -68,6 +68,8 @@ class RateLimitMiddleware:
         metrics_path: serve the metrics exposition at this path, exempt from limiting (default None: off).
         health_path: serve backend health at this path and liveness at ``<health_path>/live``,
             exempt from limiting (default None: off).
+        deny_cache: answer a hit Redis just denied from memory until Redis could first allow it,
+            which makes a flood on one key cost no round trips; exact, see _deny_cache.py (default True).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class RateLimitMiddleware:
         registry: CollectorRegistry | None = None,
         metrics_path: str | None = None,
         health_path: str | None = None,
+        deny_cache: bool = True,
     ) -> None:
         self.app = app
         self.backend: Backend = MemoryBackend() if backend is None else backend
@@ -100,6 +103,7 @@ class RateLimitMiddleware:
             breaker_threshold=breaker_threshold,
             breaker_cooldown=breaker_cooldown,
             registry=self.registry if metrics else None,
+            deny_cache=deny_cache,
         )
         self._operations: OperationsApp | None = None
         if metrics_path is not None or health_path is not None:

@@ -1,4 +1,4 @@
-"""RedisBackend: every hit is one EVALSHA of ``lua/hit.lua`` on redis.asyncio."""
+"""RedisBackend: every hit is one EVALSHA of ``lua/hit.lua`` on redis.asyncio (Redis, Cluster or Sentinel)."""
 
 from __future__ import annotations
 
@@ -60,12 +60,23 @@ class RedisBackend:
             self._clock = clock
         else:
             raise ConfigurationError(f'RedisBackend: clock must be "server", "client" or a callable, got {clock!r}.')
+        # An injected clock need not move with real time; the limiter's deny cache relies on it doing so.
+        self.real_time = not callable(clock)
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"RedisBackend: prefix must be a string without braces, got {prefix!r}.")
         self.client = client
         self.prefix = prefix
         self.cluster = _is_cluster(client)
         self._call = ScriptCaller(client, HIT_SCRIPT, coalesce=coalesce and not self.cluster)
+        # Set once the client is initialised and the script loaded (correctness rule 23).
+        self._initialised = False
+        self._initialising: asyncio.Task[None] | None = None
+        # redis-py's RedisCluster fails a command at once (MaxConnectionsError) when a node's pool
+        # is exhausted, and without pipelines every call in flight holds a connection: wait for a
+        # free one instead.  One bound for the whole client, so no node's pool can run out.
+        self._in_flight: asyncio.Semaphore | None = None
+        if self.cluster:
+            self._in_flight = asyncio.Semaphore(_max_connections(client))
 
     @classmethod
     def from_url(
@@ -98,6 +109,37 @@ class RedisBackend:
             client = Redis.from_url(url, **kwargs)
         return cls(client, prefix=prefix, clock=clock, coalesce=coalesce)
 
+    @classmethod
+    def from_sentinel(
+        cls,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str,
+        *,
+        prefix: str = "rl:",
+        clock: Literal["server", "client"] | Callable[[], int] = "server",
+        coalesce: bool = True,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> RedisBackend:
+        """Build a client for the primary that Redis Sentinel names for ``service_name``; follows failovers.
+
+        ``sentinels`` are (host, port) pairs; ``sentinel_kwargs`` go to the connections to the
+        sentinels (e.g. their password), other keyword arguments to the connections to Redis.
+        The same defaults as ``from_url`` apply: 0.5 s socket timeouts and one immediate retry
+        on a connection error, which is what carries a hit over to the new primary.
+        """
+        from redis.asyncio.sentinel import Sentinel
+
+        kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
+        kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT)
+        kwargs.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(redis_errors.ConnectionError,)))
+        sentinel_kwargs = dict(sentinel_kwargs or {})
+        sentinel_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
+        sentinel_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT)
+        sentinel = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
+        client = sentinel.master_for(service_name)
+        return cls(client, prefix=prefix, clock=clock, coalesce=coalesce)
+
     async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
         """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
         return await self.hit_many([(key, policy, cost) for policy in policies])
@@ -108,8 +150,17 @@ class RedisBackend:
         if not hits:
             # Nothing to decide; some proxies reject a script call without keys.
             return []
-        if self.cluster and len({identity for identity, _, _ in hits}) > 1:
+        if not self._initialised:
+            await self._ready()
+        if self._in_flight is None:
+            return await self._decide(hits)
+        if len({identity for identity, _, _ in hits}) > 1:
             return await self._hit_across_slots(hits)
+        async with self._in_flight:
+            return await self._decide(hits)
+
+    async def _decide(self, hits: Sequence[Hit]) -> list[Decision]:
+        """One script call for hits whose keys share a slot (always so on a single Redis)."""
         try:
             flat = await self._call(len(hits), *self._script_args(hits))
         except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
@@ -131,6 +182,37 @@ class RedisBackend:
             for index, decision in zip(indexes, part, strict=True):
                 decisions[index] = decision
         return [decision for decision in decisions if decision is not None]
+
+    async def _ready(self) -> None:
+        """Initialise the client and load the script once, before the first decision.
+
+        A fresh RedisCluster hit by many concurrent commands before it has initialised failed
+        intermittently inside redis-py (correctness rule 23): every first hit waits here for one
+        shared initialisation instead.  It runs as a task of its own, so a request that gives
+        up at its budget (the limiter cancels it) does not cut the initialisation short for the
+        requests behind it; if it fails, the next hit starts another.
+        """
+        task = self._initialising
+        if task is None:
+            task = self._initialising = asyncio.get_running_loop().create_task(self._initialise())
+            task.add_done_callback(self._initialised_or_not)
+        try:
+            await asyncio.shield(task)
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            raise BackendError(f"Redis failed to initialise: {type(exc).__name__}: {exc}") from exc
+
+    async def _initialise(self) -> None:
+        if self.cluster:
+            await self.client.initialize()
+        # On a cluster redis-py sends SCRIPT LOAD to every primary.  A primary that loses the
+        # script later (a promoted replica, SCRIPT FLUSH) answers NOSCRIPT, and ScriptCaller reloads.
+        await self.client.script_load(HIT_SCRIPT)
+
+    def _initialised_or_not(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._initialised = True
+        else:
+            self._initialising = None  # the next hit tries again
 
     def _script_args(self, hits: Sequence[Hit]) -> list[str | int]:
         """KEYS then ARGV for hit.lua (see the contract at the top of the script)."""
@@ -161,6 +243,12 @@ class RedisBackend:
     async def aclose(self) -> None:
         """Close the client's connections."""
         await self.client.aclose()
+
+
+def _max_connections(client: Any) -> int:
+    """The size of each node's connection pool in a RedisCluster (redis-py's default is 100)."""
+    limit = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", {}).get("max_connections")
+    return limit if isinstance(limit, int) and limit > 0 else 100
 
 
 def _is_cluster(client: Any) -> bool:

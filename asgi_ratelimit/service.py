@@ -43,12 +43,26 @@ from .policies import (
     TokenBucket,
 )
 
-__all__ = ["MAX_BODY_BYTES", "MAX_COST", "MAX_KEY_BYTES", "BadRequest", "app", "create_app", "parse_check"]
+__all__ = [
+    "MAX_BODY_BYTES",
+    "MAX_COST",
+    "MAX_KEY_BYTES",
+    "MAX_SLIDING_WINDOW_LIMIT",
+    "BadRequest",
+    "app",
+    "create_app",
+    "parse_check",
+]
 
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_KEY_BYTES: Final = 1024
 #: The largest cost a hit may take; a cost above the policy's capacity is a "never" decision.
 MAX_COST: Final = _MAX_COUNT
+
+#: The largest sliding_window limit the service takes: the exact log keeps one entry per admitted
+#: unit (about 140 bytes each in Redis), so a client could otherwise make one request write 10**9 of
+#: them.  Larger limits belong to sliding_window_counter or gcra, which keep O(1) state per key.
+MAX_SLIDING_WINDOW_LIMIT: Final = 10_000
 
 _INT = "integer"
 _NUM = "number"
@@ -78,6 +92,7 @@ class _Algorithm:
 
 _WINDOW_FIELDS = {"limit": _INT, "window": _NUM}
 _WINDOW_BOUNDS: dict[str, _Bounds] = {"limit": _COUNT_BOUNDS, "window": _SECONDS_BOUNDS}
+_LOG_BOUNDS: dict[str, _Bounds] = {**_WINDOW_BOUNDS, "limit": {"minimum": 1, "maximum": MAX_SLIDING_WINDOW_LIMIT}}
 ALGORITHMS: Final[dict[str, _Algorithm]] = {
     "token_bucket": _Algorithm(
         TokenBucket,
@@ -86,7 +101,7 @@ ALGORITHMS: Final[dict[str, _Algorithm]] = {
         (),
         {"capacity": 1, "refill_rate": _MAX_COUNT},
     ),
-    "sliding_window": _Algorithm(SlidingWindow, _WINDOW_FIELDS, _WINDOW_BOUNDS, (), {"limit": 1, "window": 1}),
+    "sliding_window": _Algorithm(SlidingWindow, _WINDOW_FIELDS, _LOG_BOUNDS, (), {"limit": 1, "window": 1}),
     "fixed_window": _Algorithm(FixedWindow, _WINDOW_FIELDS, _WINDOW_BOUNDS, (), {"limit": 1, "window": 1}),
     "sliding_window_counter": _Algorithm(
         SlidingWindowCounter, _WINDOW_FIELDS, _WINDOW_BOUNDS, (), {"limit": 1, "window": 1}
@@ -100,6 +115,9 @@ ALGORITHMS: Final[dict[str, _Algorithm]] = {
     ),
 }
 _COMMON = ("key", "algorithm", "cost")
+_HINTS = {
+    ("sliding_window", "limit"): " (the exact log keeps an entry per hit: use sliding_window_counter or gcra above it)"
+}
 
 
 class BadRequest(Exception):
@@ -190,7 +208,8 @@ def parse_check(payload: object) -> tuple[str, Policy, int]:
         highest = spec.bounds[name]["maximum"]
         if value > highest:
             # Checked here too: the policies' float checks overflow on an integer past a double's range.
-            raise BadRequest(422, f'The field "{name}" must be at most {highest:,}; got {_show(value)}.', name)
+            hint = _HINTS.get((algorithm, name), "")
+            raise BadRequest(422, f'The field "{name}" must be at most {highest:,}{hint}; got {_show(value)}.', name)
         arguments[name] = value
     try:
         policy = spec.cls(**arguments)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,14 @@ from starlette.types import ASGIApp, Message
 from asgi_ratelimit import Backend, BackendError, MemoryBackend, RedisBackend
 from asgi_ratelimit.backends.base import Hit
 from asgi_ratelimit.policies import Decision
-from asgi_ratelimit.service import ALGORITHMS, MAX_BODY_BYTES, MAX_KEY_BYTES, create_app, openapi_document
+from asgi_ratelimit.service import (
+    ALGORITHMS,
+    MAX_BODY_BYTES,
+    MAX_KEY_BYTES,
+    MAX_SLIDING_WINDOW_LIMIT,
+    create_app,
+    openapi_document,
+)
 
 PROBLEM = "application/problem+json"
 
@@ -176,6 +184,7 @@ BAD_INPUTS = [
     bad("cost-negative", {**SW, "cost": -3}, 422, "cost"),
     # above the policies' bounds: the field named is the one out of range, not the first argument
     bad("limit-too-large", {**SW, "limit": 10**12}, 422, "limit"),
+    bad("sliding-window-limit-over-the-log-cap", {**SW, "limit": MAX_SLIDING_WINDOW_LIMIT + 1}, 422, "limit"),
     bad("window-too-long", {**SW, "window": 10**9}, 422, "window"),
     bad("window-too-short", {**FW, "window": 0.0001}, 422, "window"),
     bad("window-huge-int", {**SWC, "window": 10**400}, 422, "window"),
@@ -329,6 +338,22 @@ async def test_a_key_of_exactly_1KiB_is_accepted(store: Store) -> None:
     app = create_app(store.backend, registry=CollectorRegistry())
     response = await post(app, {**SW, "key": "é" * (MAX_KEY_BYTES // 2)})
     assert response.status_code == 200
+
+
+async def test_one_request_writes_at_most_the_sliding_window_cap(store: Store) -> None:
+    # The exact log keeps one entry per admitted unit: a client asking for limit=cost=10**9
+    # would have made one request write 10**9 entries (minutes of CPU, gigabytes of memory).
+    app = create_app(store.backend, registry=CollectorRegistry(), timeout=5)
+    largest = {**SW, "limit": MAX_SLIDING_WINDOW_LIMIT, "cost": MAX_SLIDING_WINDOW_LIMIT}
+    started = time.perf_counter()
+    response = await post(app, largest)
+    assert response.status_code == 200, response.text
+    assert response.json()["remaining"] == 0
+    assert time.perf_counter() - started < 2
+    huge = await post(app, {**SW, "key": "other", "limit": 10**9, "cost": 10**9})
+    assert huge.status_code == 422
+    assert huge.json()["field"] == "limit"
+    assert "sliding_window_counter" in huge.json()["detail"]
 
 
 async def test_gcra_burst_defaults_to_limit() -> None:

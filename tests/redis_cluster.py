@@ -54,9 +54,23 @@ class RedisCluster:
         assert binary is not None
         self.processes[port] = subprocess.Popen(
             [
-                binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                "--cluster-config-file", f"{self.directory}/nodes-{port}.conf", "--cluster-node-timeout", "2000",
-                "--save", "", "--appendonly", "no", "--dir", self.directory,
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                f"{self.directory}/nodes-{port}.conf",
+                "--cluster-node-timeout",
+                "2000",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -81,6 +95,31 @@ class RedisCluster:
             except sync_redis.RedisError:
                 continue
         return result
+
+    def keys_by_primary(self, pattern: str) -> dict[int, list[bytes]]:
+        """Every key matching ``pattern`` (SCAN MATCH), on each node that is a primary right now."""
+        found: dict[int, list[bytes]] = {}
+        for port in self.primaries():
+            client = sync_redis.Redis(port=port, socket_timeout=5)
+            try:
+                found[port] = list(client.scan_iter(match=pattern, count=1000))
+            finally:
+                client.close()
+        return found
+
+    def primary_for_slot(self, slot: int) -> int:
+        """The port of the primary serving ``slot``, as the cluster itself says now."""
+        for port in self.primaries():
+            client = sync_redis.Redis(port=port, socket_timeout=1)
+            try:
+                for start, end, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+                    if start <= slot <= end:
+                        return int(primary[1])
+            except sync_redis.RedisError:
+                continue
+            finally:
+                client.close()
+        raise LookupError(f"no live primary reports slot {slot}")
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -129,6 +168,34 @@ def cluster_ok(port: int) -> bool:
     return "cluster_state:ok" in text
 
 
+def _assign_slots_by_hand(ports: list[int]) -> None:
+    bounds = [round(i * 16384 / len(ports)) for i in range(len(ports) + 1)]
+    for index, port in enumerate(ports):
+        client = sync_redis.Redis(port=port)
+        try:
+            client.execute_command("CLUSTER ADDSLOTSRANGE", bounds[index], bounds[index + 1] - 1)
+            if index:
+                client.execute_command("CLUSTER MEET", "127.0.0.1", ports[0])
+        finally:
+            client.close()
+
+
+def _replicas_seen(port: int, primaries: int, replicas: int) -> bool:
+    """Whether ``port`` lists every primary with its replicas in CLUSTER SLOTS, each replica's link up."""
+    try:
+        client = sync_redis.Redis(port=port, socket_timeout=1)
+        try:
+            ranges = client.execute_command("CLUSTER SLOTS")
+            info = client.info("replication")
+        finally:
+            client.close()
+    except sync_redis.RedisError:
+        return False
+    if info["role"] == "slave" and info.get("master_link_status") != "up":
+        return False
+    return len({int(r[2][1]) for r in ranges}) == primaries and all(len(r) - 3 == replicas for r in ranges)
+
+
 @contextmanager
 def redis_cluster(primaries: int = 3, replicas: int = 1) -> Iterator[RedisCluster]:
     """Start a cluster of ``primaries * (1 + replicas)`` nodes and yield it; always torn down."""
@@ -139,19 +206,33 @@ def redis_cluster(primaries: int = 3, replicas: int = 1) -> Iterator[RedisCluste
         try:
             for port in cluster.ports:
                 cluster.start_node(port)
-            if primaries == 1 and replicas == 0:
-                # redis-cli refuses a one-node cluster: assign every slot by hand.
-                client = sync_redis.Redis(port=cluster.ports[0])
-                client.execute_command("CLUSTER ADDSLOTSRANGE", 0, 16383)
-                client.close()
+            if primaries < 3 and replicas == 0:
+                # redis-cli refuses a cluster of fewer than three primaries: split the slots by hand.
+                _assign_slots_by_hand(cluster.ports)
             else:
                 subprocess.run(
-                    ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in cluster.ports),
-                     "--cluster-replicas", str(replicas), "--cluster-yes"],
-                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60,
+                    [
+                        "redis-cli",
+                        "--cluster",
+                        "create",
+                        *(f"127.0.0.1:{p}" for p in cluster.ports),
+                        "--cluster-replicas",
+                        str(replicas),
+                        "--cluster-yes",
+                    ],
+                    check=True,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    timeout=60,
                 )
             for port in cluster.ports:
                 _wait_until(lambda p=port: cluster_ok(p), f"cluster node {port} did not reach cluster_state:ok")
+                # A replica that has not synced yet cannot be promoted: a failover test would find the
+                # cluster down for good.  Wait until every node sees every replica attached.
+                _wait_until(
+                    lambda p=port: _replicas_seen(p, primaries, replicas),
+                    f"cluster node {port} did not see {replicas} synced replica(s) per primary",
+                )
             yield cluster
         finally:
             cluster.stop()

@@ -1,5 +1,7 @@
 """No over-admission: 4 processes x 100 concurrent tasks on one key of a real Redis admit exactly the limit.
 
+test_cluster.py runs the same workers against a Redis Cluster.
+
 Each worker process connects and loads the script first, then waits for "go" on stdin, so
 that all 400 hits per policy race for real.  The windows are a day or more long, so nothing
 refills while the test runs; the workers are killed if they have not finished in a minute.
@@ -17,11 +19,11 @@ import pytest
 WORKER = r"""
 import asyncio, json, sys
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from asgi_ratelimit import GCRA, FixedWindow, RedisBackend, SlidingWindow, SlidingWindowCounter, TokenBucket
 
-url, prefix, tasks = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url, prefix, tasks, cluster = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "cluster"
 POLICIES = {
     "sliding_window": SlidingWindow(100, 86400),
     "fixed_window": FixedWindow(100, 366 * 86400),
@@ -32,7 +34,8 @@ POLICIES = {
 
 
 async def main():
-    backend = RedisBackend(Redis.from_url(url, max_connections=tasks), prefix=prefix)
+    client = (RedisCluster if cluster else Redis).from_url(url, max_connections=tasks)
+    backend = RedisBackend(client, prefix=prefix)
     await backend.hit("warm-up", list(POLICIES.values()))
     print("ready", flush=True)
     sys.stdin.readline()
@@ -59,12 +62,23 @@ TASKS = 100
 @pytest.mark.redis
 @pytest.mark.slow
 def test_concurrent_hits_from_several_processes_admit_exactly_the_limit(redis_url: str, key_prefix: str) -> None:
+    assert admitted_by_workers(redis_url, key_prefix) == {
+        "sliding_window": 100,
+        "fixed_window": 100,
+        "gcra": 100,
+        "token_bucket": 100,
+        "sliding_window_counter": 100,
+    }
+
+
+def admitted_by_workers(url: str, prefix: str, *, cluster: bool = False) -> dict[str, int]:
+    """Hits admitted per policy by all the workers together (test_cluster.py runs it on a cluster)."""
     workers: list[subprocess.Popen[str]] = []
     try:
         for _ in range(PROCESSES):
             workers.append(
                 subprocess.Popen(
-                    [sys.executable, "-c", WORKER, redis_url, key_prefix, str(TASKS)],
+                    [sys.executable, "-c", WORKER, url, prefix, str(TASKS), "cluster" if cluster else "single"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
@@ -89,10 +103,4 @@ def test_concurrent_hits_from_several_processes_admit_exactly_the_limit(redis_ur
             if worker.poll() is None:
                 worker.kill()
                 worker.wait(timeout=10)
-    assert totals == {
-        "sliding_window": 100,
-        "fixed_window": 100,
-        "gcra": 100,
-        "token_bucket": 100,
-        "sliding_window_counter": 100,
-    }
+    return totals

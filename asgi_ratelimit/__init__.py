@@ -7,6 +7,7 @@ from .health import operations_app
 from .middleware import RateLimitMiddleware
 from .policies import (
     GCRA,
+    Concurrency,
     Decision,
     FixedWindow,
     Policy,
@@ -24,6 +25,7 @@ __all__ = [
     "Backend",
     "BackendError",
     "ClientIP",
+    "Concurrency",
     "ConfigurationError",
     "Decision",
     "FirstOf",

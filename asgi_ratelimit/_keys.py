@@ -11,7 +11,7 @@ from hashlib import blake2b
 
 from .policies import Policy
 
-__all__ = ["digest", "state_key"]
+__all__ = ["digest", "slots_key", "state_key"]
 
 
 def digest(identity: str) -> str:
@@ -22,3 +22,8 @@ def digest(identity: str) -> str:
 def state_key(prefix: str, identity_digest: str, policy: Policy) -> str:
     """The key holding one policy's state for one (already hashed) identity."""
     return f"{prefix}{{{identity_digest}}}:{policy.key_suffix}"
+
+
+def slots_key(prefix: str, identity_digest: str) -> str:
+    """The key holding one identity's concurrency slots."""
+    return f"{prefix}{{{identity_digest}}}:slots"

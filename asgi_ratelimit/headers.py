@@ -22,7 +22,15 @@ from typing import Literal
 from .errors import ConfigurationError
 from .policies import Decision
 
-__all__ = ["HEADER_MODES", "HeaderMode", "policy_item", "rate_limit_headers", "retry_after_seconds", "sf_string"]
+__all__ = [
+    "HEADER_MODES",
+    "HeaderMode",
+    "concurrency_item",
+    "policy_item",
+    "rate_limit_headers",
+    "retry_after_seconds",
+    "sf_string",
+]
 
 HeaderMode = Literal["ietf", "legacy", "both", "none"]
 HEADER_MODES: tuple[str, ...] = ("ietf", "legacy", "both", "none")
@@ -40,6 +48,11 @@ def sf_string(text: str) -> str:
 def policy_item(name: str, quota: int, window_seconds: int) -> str:
     """One RateLimit-Policy list item, e.g. ``"login";q=5;w=60``."""
     return f"{sf_string(name)};q={quota};w={window_seconds}"
+
+
+def concurrency_item(name: str, limit: int) -> str:
+    """A RateLimit-Policy item for a concurrency limit: ``"name";q=10;qu="concurrent-requests"``."""
+    return f'{sf_string(name)};q={limit};qu="concurrent-requests"'
 
 
 def retry_after_seconds(decision: Decision) -> int:

@@ -25,11 +25,11 @@ from redis import exceptions as redis_errors
 
 from ._deny_cache import DenyCache
 from ._keys import digest
-from .backends.base import Backend, Hit
+from .backends.base import Backend, Hit, Slot
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .metrics import ErrorKind, LimiterMetrics, Result, metrics_for
-from .policies import Decision
+from .policies import Concurrency, Decision
 
 __all__ = ["Limiter", "error_kind"]
 
@@ -177,12 +177,28 @@ class Limiter:
     async def decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
         cache = self.deny_cache
-        if cache is not None:
-            signature = tuple(hits)
-            cached = cache.get(signature)
-            if cached is not None:
-                return cached
-            sent_at = self._clock()
+        if cache is None:
+            return await self._guarded(self.backend.hit_many, hits)
+        signature = tuple(hits)
+        cached = cache.get(signature)
+        if cached is not None:
+            return cached
+        sent_at = self._clock()
+        decisions = await self._guarded(self.backend.hit_many, hits)
+        if not all(decision.allowed for decision in decisions):
+            cache.put(signature, decisions, sent_at)
+        return decisions
+
+    async def acquire(self, key: str, limit: Concurrency) -> Slot:
+        """Take a concurrency slot, within the same budget and behind the same breaker as decide()."""
+        return await self._guarded(self.backend.acquire, key, limit)
+
+    async def release(self, key: str, token: str) -> None:
+        """Give a concurrency slot back; a failure only means the slot expires on its own later."""
+        await self._guarded(self.backend.release, key, token)
+
+    async def _guarded(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """Call a backend method within the time budget, through the breaker, counting the outcome."""
         probe = False
         if self._state is not CLOSED or self._abandoned >= self.max_abandoned:
             probe = self._admit()  # raises _BreakerOpen unless this call is the probe
@@ -190,9 +206,9 @@ class Limiter:
         started = time.perf_counter()
         try:
             if self._in_process:
-                decisions = await self.backend.hit_many(hits)
+                result = await method(*args)
             else:
-                decisions = await self._within_budget(self.backend.hit_many(hits), probe=probe)
+                result = await self._within_budget(method(*args), probe=probe)
         except asyncio.CancelledError:
             if probe and self._in_process:  # the request went away: the next call probes instead
                 self._probing = False
@@ -209,9 +225,7 @@ class Limiter:
             metrics.backend_latency.observe(time.perf_counter() - started)
         if self._failures or probe or self._failing_since is not None:
             self._succeeded(probe)
-        if cache is not None and not all(decision.allowed for decision in decisions):
-            cache.put(signature, decisions, sent_at)
-        return decisions
+        return result
 
     async def ping(self) -> float:
         """Ping the backend within the timeout; the latency in seconds, or BackendError.

@@ -7,6 +7,8 @@ app run, adding the headers to ``http.response.start`` as it passes (bodies stre
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -23,7 +25,7 @@ from .headers import HeaderMode, check_mode, rate_limit_headers, retry_after_sec
 from .health import OperationsApp
 from .limiter import Limiter, Span
 from .policies import Decision
-from .rules import ROUTE_MARKER, Rule
+from .rules import ROUTE_MARKER, CompiledLimits, Rule
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -130,6 +132,7 @@ class RateLimitMiddleware:
                 raise ConfigurationError(f"exempt must be a list of paths or a predicate, got {exempt!r}.")
             self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
         self._routes_loaded = False
+        self._releasing: set[asyncio.Task[None]] = set()  # slot releases under way (kept from the GC)
 
     def _add_rule(self, rule: Rule) -> None:
         if any(existing.name == rule.name for existing in self.rules):
@@ -167,6 +170,7 @@ class RateLimitMiddleware:
         policy_items: tuple[str, ...] = ()
         item_names: tuple[str, ...] = ()
         fail_open = True  # the request fails open only when every applied rule does
+        slots: list[tuple[str, str, CompiledLimits]] = []  # (rule name, identity, limits) with a Concurrency
         for rule in matched:
             value = rule.key(request)
             if inspect.isawaitable(value):
@@ -180,14 +184,16 @@ class RateLimitMiddleware:
             spans.append((rule.name, identity, len(limits.policies)))
             policy_items += limits.policy_items
             item_names += limits.item_names
+            if limits.concurrency is not None:
+                slots.append((rule.name, identity, limits))
             if not (self.fail_open if rule.fail_open is None else rule.fail_open):
                 fail_open = False
-        if not hits:
+        if not hits and not slots:
             await self.app(scope, receive, send)
             return
 
         try:
-            decisions = await self.limiter.decide(hits)
+            decisions = await self.limiter.decide(hits) if hits else []
         except BackendError:
             self.limiter.count_failure(spans, fail_open)
             if fail_open:
@@ -202,12 +208,83 @@ class RateLimitMiddleware:
             headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
             await self._deny(scope, receive, send, request, decisions, item_names, headers)
             return
+        if slots:
+            await self._run_with_slots(
+                scope, receive, send, request, slots, decisions, policy_items, item_names, fail_open
+            )
+            return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
         headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=False)
         if not headers:
             await self.app(scope, receive, send)
             return
         await self.app(scope, receive, _with_headers(send, headers))
+
+    async def _run_with_slots(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: HTTPConnection,
+        slots: list[tuple[str, str, CompiledLimits]],
+        decisions: list[Decision],
+        policy_items: tuple[str, ...],
+        item_names: tuple[str, ...],
+        fail_open: bool,
+    ) -> None:
+        """Take a concurrency slot per rule that has one, run the app, and give the slots back when it ends."""
+        taken: list[tuple[str, str]] = []  # (identity, token)
+        decisions = list(decisions)
+        for name, identity, limits in slots:
+            limit = limits.concurrency
+            assert limit is not None
+            try:
+                slot = await self.limiter.acquire(identity, limit)
+            except BackendError:
+                self.limiter.count_failure([(name, identity, 1)], fail_open)
+                if fail_open:
+                    continue  # run without this slot, as a failed-open rate limit would
+                self._release_later(taken)
+                await self._unavailable(scope, receive, send)
+                return
+            in_use = slot.in_use if slot.acquired else limit.limit
+            decision = Decision(
+                allowed=slot.acquired,
+                limit=limit.limit,
+                remaining=max(0, limit.limit - in_use),
+                # A slot frees when some request in flight ends: suggest trying again shortly.
+                retry_after=0.0 if slot.acquired else 1.0,
+                reset_after=0.0,
+            )
+            self.limiter.count_decisions([(name, identity, 1)], [decision], self.dry_run)
+            decisions.append(decision)
+            policy_items += (limits.concurrency_item,)
+            item_names += (limits.concurrency_name,)
+            if slot.acquired:
+                taken.append((identity, slot.token))
+            elif not self.dry_run:
+                self._release_later(taken)
+                headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
+                await self._deny(scope, receive, send, request, decisions, item_names, headers)
+                return
+        headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=False)
+        try:
+            await self.app(scope, receive, _with_headers(send, headers) if headers else send)
+        finally:
+            # Released whatever way the app ended: a response, an exception, a client gone away.
+            self._release_later(taken)
+
+    def _release_later(self, taken: list[tuple[str, str]]) -> None:
+        """Give slots back in the background: a cancelled request cannot stop it, and no response waits on it."""
+        for identity, token in taken:
+            task = asyncio.get_running_loop().create_task(self._release(identity, token))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
+
+    async def _release(self, identity: str, token: str) -> None:
+        # A failed release is harmless: the slot expires on its own after the Concurrency timeout.
+        with contextlib.suppress(BackendError):
+            await self.limiter.release(identity, token)
 
     # -- responses ---------------------------------------------------------------------
 

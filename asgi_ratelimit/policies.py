@@ -225,7 +225,9 @@ class Concurrency:
     def __post_init__(self) -> None:
         owner = f"Concurrency(limit={self.limit!r}, timeout={self.timeout!r})"
         _check_count(owner, "limit", self.limit)
-        _check_seconds(owner, "timeout", self.timeout)
+        object.__setattr__(self, "timeout_us", _check_seconds(owner, "timeout", self.timeout))
+
+    timeout_us: ClassVar[int]  # set per instance in __post_init__: the slot lifetime in microseconds
 
 
 ALGORITHMS: dict[str, type[Policy]] = {

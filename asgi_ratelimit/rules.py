@@ -16,7 +16,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 
 from .errors import ConfigurationError
-from .headers import policy_item, sf_string
+from .headers import concurrency_item, policy_item, sf_string
 from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
 
 __all__ = ["CompiledLimits", "Rule", "rate_limit"]
@@ -37,6 +37,9 @@ class CompiledLimits:
     policies: tuple[Policy, ...]
     policy_items: tuple[str, ...]  # RateLimit-Policy items
     item_names: tuple[str, ...]  # the same names as RFC 9651 Strings, for RateLimit
+    concurrency: Concurrency | None = None  # at most this many requests in flight per key
+    concurrency_item: str = ""  # its RateLimit-Policy item
+    concurrency_name: str = ""  # its name as an RFC 9651 String
 
 
 def _default_key() -> KeyFunc:
@@ -120,7 +123,6 @@ class Rule:
         if fail_open is not None and not isinstance(fail_open, bool):
             raise ConfigurationError(f"{label}: fail_open must be True, False or None, got {fail_open!r}.")
         self.fail_open = fail_open
-        self.concurrency: Concurrency | None = None
         self.dynamic: DynamicLimits | None = None
         self.static: CompiledLimits | None = None
         self._dynamic_cache: dict[Any, CompiledLimits] = {}
@@ -161,13 +163,14 @@ class Rule:
                 f"{label}: limits must be a limit string, a policy or a non-empty list, got {limits!r}."
             )
         policies: list[Policy] = []
+        concurrency: Concurrency | None = None
         for spec in specs:
             if isinstance(spec, Policy):
                 policies.append(spec)
             elif isinstance(spec, Concurrency):
-                if self.concurrency is not None and self.concurrency != spec:
+                if concurrency is not None:
                     raise ConfigurationError(f"{label}: only one Concurrency limit per rule, got {limits!r}.")
-                self.concurrency = spec
+                concurrency = spec
             elif isinstance(spec, str):
                 try:
                     policies.append(parse_limit(spec, self.algorithm))
@@ -178,10 +181,14 @@ class Rule:
         if len(set(policies)) != len(policies):
             raise ConfigurationError(f"{label}: the same limit appears twice in {limits!r}.")
         names = _item_names(self.name, policies)
+        concurrency_name = f"{self.name}:concurrency" if policies else self.name
         return CompiledLimits(
             policies=tuple(policies),
             policy_items=tuple(policy_item(n, p.quota, p.window_seconds) for n, p in zip(names, policies, strict=True)),
             item_names=tuple(sf_string(n) for n in names),
+            concurrency=concurrency,
+            concurrency_item="" if concurrency is None else concurrency_item(concurrency_name, concurrency.limit),
+            concurrency_name=sf_string(concurrency_name),
         )
 
     def cost_for(self, request: HTTPConnection) -> int:

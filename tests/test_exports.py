@@ -20,6 +20,7 @@ PUBLIC = {
     "FirstOf",
     # limits and decisions
     "Policy",
+    "Concurrency",
     "TokenBucket",
     "SlidingWindow",
     "GCRA",

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from ..errors import ConfigurationError
-from ..policies import MICROS, Decision, Policy
+from ..policies import MICROS, Concurrency, Decision, Policy
 
-__all__ = ["Backend", "Hit", "check_hits", "decisions_from_flat"]
+__all__ = ["Backend", "Hit", "Slot", "check_hits", "decisions_from_flat", "new_token"]
 
 #: One entry of a combined call: (identity, policy, cost).
 Hit = tuple[str, Policy, int]
+
+
+class Slot(NamedTuple):
+    """The outcome of a concurrency acquire: whether a slot was taken, how many are in use, its token."""
+
+    acquired: bool
+    in_use: int
+    token: str
 
 
 @runtime_checkable
@@ -27,6 +36,14 @@ class Backend(Protocol):
         """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
         ...
 
+    async def acquire(self, key: str, limit: Concurrency) -> Slot:
+        """Take one of ``limit.limit`` concurrency slots of ``key``, unless all are in use."""
+        ...
+
+    async def release(self, key: str, token: str) -> None:
+        """Give back the slot ``token`` of ``key`` (a slot never released expires after ``limit.timeout``)."""
+        ...
+
     async def ping(self) -> None:
         """Raise BackendError unless the storage answers."""
         ...
@@ -34,6 +51,11 @@ class Backend(Protocol):
     async def aclose(self) -> None:
         """Release connections and tasks."""
         ...
+
+
+def new_token() -> str:
+    """A unique name for one concurrency slot."""
+    return secrets.token_hex(8)
 
 
 def check_hits(hits: Sequence[Hit]) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from itertools import islice
 from typing import Any
 
-from .._keys import digest, state_key
+from .._keys import digest, slots_key, state_key
 from ..errors import ConfigurationError
 from ..policies import (
     FIXED_WINDOW,
@@ -23,10 +23,11 @@ from ..policies import (
     SLIDING_WINDOW,
     SLIDING_WINDOW_COUNTER,
     TOKEN_BUCKET,
+    Concurrency,
     Decision,
     Policy,
 )
-from .base import Hit, check_hits, decisions_from_flat
+from .base import Hit, Slot, check_hits, decisions_from_flat, new_token
 
 __all__ = ["MemoryBackend"]
 
@@ -105,6 +106,26 @@ class MemoryBackend:
     async def hit_many(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
         return self.decide(hits)
+
+    async def acquire(self, key: str, limit: Concurrency) -> Slot:
+        """Take one of ``limit.limit`` concurrency slots of ``key``, unless all are in use (mirrors acquire.lua)."""
+        now = self._clock()
+        name = slots_key(self.prefix, digest(key))
+        slots: dict[str, int] = self._get(name, now) or {}
+        for token in [token for token, expires in slots.items() if expires <= now]:
+            del slots[token]
+        if len(slots) >= limit.limit:
+            return Slot(False, len(slots), "")
+        token = new_token()
+        slots[token] = now + limit.timeout_us
+        self._set(name, slots, now, limit.timeout_us)
+        return Slot(True, len(slots), token)
+
+    async def release(self, key: str, token: str) -> None:
+        """Give back the slot ``token`` of ``key``."""
+        slots = self._store.get(slots_key(self.prefix, digest(key)))
+        if slots is not None:
+            slots[1].pop(token, None)
 
     async def ping(self) -> None:
         """Always answers: the state lives in this process."""

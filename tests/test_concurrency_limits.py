@@ -1,0 +1,208 @@
+"""Concurrency limits: at most N requests in flight per key, slots always given back, crashed slots expire."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import http_sfv
+import httpx
+import pytest
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_ratelimit import Concurrency, ConfigurationError, MemoryBackend, RateLimitMiddleware, RedisBackend, Rule
+from asgi_ratelimit._keys import digest, slots_key
+
+SEPARATOR = "\x1f"  # between the rule's name and the key in the identity the backend hashes
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
+    if request.param == "memory":
+        yield MemoryBackend(prefix=key_prefix)
+        return
+    instance = RedisBackend(Redis.from_url(request.getfixturevalue("redis_url")), prefix=key_prefix)
+    yield instance
+    await instance.aclose()
+
+
+async def slots_in_use(backend: Any, rule: str, key: str) -> int:
+    name = slots_key(backend.prefix, digest(rule + SEPARATOR + key))
+    if isinstance(backend, MemoryBackend):
+        entry = backend._store.get(name)
+        return 0 if entry is None else len(entry[1])
+    return int(await backend.client.zcard(name))
+
+
+class Gate:
+    """An endpoint that holds every request until the test opens the gate, counting those inside."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.inside = 0
+        self.most_inside = 0
+
+    async def endpoint(self, request: Request) -> JSONResponse:
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        try:
+            if request.query_params.get("fail"):
+                raise RuntimeError("the endpoint failed")
+            await self.open.wait()
+            return JSONResponse({"ok": True})
+        finally:
+            self.inside -= 1
+
+
+def build(gate: Gate, backend: Any, limits: Any) -> Starlette:
+    app = Starlette(routes=[Route("/work", gate.endpoint)])
+    app.add_middleware(
+        RateLimitMiddleware,
+        backend=backend,
+        rules=[Rule("/work", limits, key=lambda request: "tenant", name="work")],
+        timeout=2.0,
+        metrics=False,
+    )
+    return app
+
+
+async def settle(condition: Any, rounds: int = 400) -> None:
+    for _ in range(rounds):
+        if await condition():
+            return
+        await asyncio.sleep(0.005)
+
+
+async def test_never_more_than_the_limit_in_flight_and_no_slot_leaks(backend: Any) -> None:
+    gate = Gate()
+    app = build(gate, backend, Concurrency(3, timeout=30))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        pending = [asyncio.ensure_future(client.get("/work")) for _ in range(10)]
+        await settle(lambda: _true_when(sum(task.done() for task in pending) == 7))
+        assert gate.inside == 3
+        refused = [task.result() for task in pending if task.done()]
+        assert [r.status_code for r in refused] == [429] * 7
+        for response in refused:
+            assert response.headers["retry-after"] == "1"
+            policy = http_sfv.List()
+            policy.parse(response.headers["ratelimit-policy"].encode())
+            item = policy[0]
+            assert item.value == "work"
+            assert item.params["q"] == 3
+            assert item.params["qu"] == "concurrent-requests"
+        gate.open.set()
+        served = await asyncio.gather(*[task for task in pending if not task.done()])
+    assert [r.status_code for r in served] == [200] * 3
+    assert gate.most_inside == 3
+    await settle(lambda: _zero(backend))
+    assert await slots_in_use(backend, "work", "tenant") == 0
+    # The slots are back: the next three get in again.
+    gate2 = Gate()
+    gate2.open.set()
+    app2 = build(gate2, backend, Concurrency(3, timeout=30))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app2), base_url="http://test") as client:
+        again = await asyncio.gather(*(client.get("/work") for _ in range(3)))
+    assert [r.status_code for r in again] == [200] * 3
+
+
+async def _true_when(value: bool) -> bool:
+    return value
+
+
+async def test_a_slot_is_released_when_the_app_raises(backend: Any) -> None:
+    gate = Gate()
+    app = build(gate, backend, Concurrency(1, timeout=30))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        failed = await client.get("/work?fail=1")
+        assert failed.status_code == 500
+        await settle(lambda: _zero(backend))
+        gate.open.set()
+        after = await client.get("/work")
+    assert after.status_code == 200
+
+
+async def _zero(backend: Any) -> bool:
+    return await slots_in_use(backend, "work", "tenant") == 0
+
+
+async def test_a_slot_is_released_when_the_client_goes_away(backend: Any) -> None:
+    gate = Gate()
+    app = build(gate, backend, Concurrency(1, timeout=30))
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.Event().wait()  # the client never sends anything more
+        return {}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+        "path": "/work", "raw_path": b"/work", "query_string": b"", "root_path": "",
+        "headers": [(b"host", b"test")], "client": ("127.0.0.1", 5000), "server": ("test", 80),
+    }  # fmt: skip
+    call = asyncio.ensure_future(app(scope, receive, send))
+    await settle(lambda: _true_when(gate.inside == 1))
+    assert await slots_in_use(backend, "work", "tenant") == 1
+    call.cancel()  # what a server does when the connection drops
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await settle(lambda: _zero(backend))
+    assert await slots_in_use(backend, "work", "tenant") == 0
+
+
+async def test_a_crashed_process_slot_expires_after_the_timeout(backend: Any) -> None:
+    limit = Concurrency(1, timeout=0.2)
+    taken = await backend.acquire("work" + SEPARATOR + "tenant", limit)
+    assert taken.acquired
+    refused = await backend.acquire("work" + SEPARATOR + "tenant", limit)
+    assert not refused.acquired and refused.in_use == 1
+    await asyncio.sleep(0.3)  # the process that took the slot "crashed": nobody releases it
+    later = await backend.acquire("work" + SEPARATOR + "tenant", limit)
+    assert later.acquired and later.in_use == 1
+
+
+@pytest.mark.redis
+async def test_the_slots_key_expires_in_redis(redis_url: str, key_prefix: str) -> None:
+    backend = RedisBackend(Redis.from_url(redis_url), prefix=key_prefix)
+    try:
+        await backend.acquire("someone", Concurrency(5, timeout=10))
+        ttl = await backend.client.pttl(slots_key(key_prefix, digest("someone")))
+        assert 0 < ttl <= 10_000
+    finally:
+        await backend.aclose()
+
+
+async def test_a_rate_limit_and_a_concurrency_limit_on_one_rule(backend: Any) -> None:
+    gate = Gate()
+    gate.open.set()
+    app = build(gate, backend, ["2/minute", Concurrency(5, timeout=30)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        responses = [await client.get("/work") for _ in range(3)]
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    policy = http_sfv.List()
+    policy.parse(responses[0].headers["ratelimit-policy"].encode())
+    assert [item.value for item in policy] == ["work", "work:concurrency"]
+    state = http_sfv.List()
+    state.parse(responses[0].headers["ratelimit"].encode())
+    assert state[1].params["r"] == 4  # this request holds one of the five slots
+    await settle(lambda: _zero(backend))
+
+
+def test_two_concurrency_limits_on_one_rule_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="only one Concurrency"):
+        Rule("/x", [Concurrency(1, 1), Concurrency(2, 1)])
+
+
+@pytest.mark.parametrize("bad", [{"limit": 0, "timeout": 1}, {"limit": 1, "timeout": 0}, {"limit": "1", "timeout": 1}])
+def test_bad_concurrency_settings_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigurationError):
+        Concurrency(**bad)

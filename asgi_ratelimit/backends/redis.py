@@ -12,16 +12,17 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .._keys import digest, state_key
+from .._keys import digest, slots_key, state_key
 from ..errors import BackendError, ConfigurationError
-from ..policies import Decision, Policy
+from ..policies import Concurrency, Decision, Policy
 from ._coalesce import ScriptCaller
-from .base import Hit, check_hits, decisions_from_flat
+from .base import Hit, Slot, check_hits, decisions_from_flat, new_token
 from .memory import system_clock_us
 
 __all__ = ["RedisBackend"]
 
 HIT_SCRIPT = files(__package__).joinpath("lua/hit.lua").read_text(encoding="utf-8")
+ACQUIRE_SCRIPT = files(__package__).joinpath("lua/acquire.lua").read_text(encoding="utf-8")
 
 # redis-py defaults both socket timeouts to 5 s; a limiter's budget is tens of milliseconds,
 # and a frozen Redis must not hold a connection for seconds (correctness rule 22).
@@ -68,6 +69,7 @@ class RedisBackend:
         self.prefix = prefix
         self.cluster = _is_cluster(client)
         self._call = ScriptCaller(client, HIT_SCRIPT, coalesce=coalesce and not self.cluster)
+        self._acquire = ScriptCaller(client, ACQUIRE_SCRIPT, coalesce=coalesce and not self.cluster)
         # Set once the client is initialised and the script loaded (correctness rule 23).
         self._initialised = False
         self._initialising: asyncio.Task[None] | None = None
@@ -227,6 +229,24 @@ class RedisBackend:
             args += (policy.code, cost, *policy.params)
         keys += args
         return keys
+
+    async def acquire(self, key: str, limit: Concurrency) -> Slot:
+        """Take one of ``limit.limit`` concurrency slots of ``key``, unless all are in use (acquire.lua)."""
+        token = new_token()
+        now = "" if self._clock is None else self._clock()
+        name = slots_key(self.prefix, digest(key))
+        try:
+            acquired, in_use, _ = await self._acquire(1, name, now, limit.limit, limit.timeout_us, token)
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            raise BackendError(f"Redis failed to acquire a slot: {type(exc).__name__}: {exc}") from exc
+        return Slot(bool(acquired), int(in_use), token if acquired else "")
+
+    async def release(self, key: str, token: str) -> None:
+        """Give back the slot ``token`` of ``key``."""
+        try:
+            await self.client.zrem(slots_key(self.prefix, digest(key)), token)
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            raise BackendError(f"Redis failed to release a slot: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         """Raise BackendError unless Redis answers PING."""

@@ -94,6 +94,7 @@ class Policy:
     capacity: int  # the largest cost that can ever be allowed
     params: tuple[str, str]  # the script's two parameters, already formatted
     key_suffix: str  # distinguishes two policies stored under one identity
+    script_args: tuple[bytes, bytes, bytes]  # code, p1, p2 as the script receives them, encoded once
 
     def _finish(self, quota: int, window_us: int, capacity: int, p1: int | float, p2: int) -> None:
         # Frozen dataclasses forbid attribute assignment; these are derived once, here.
@@ -103,6 +104,7 @@ class Policy:
         # repr() of a float round-trips exactly, and Lua's tonumber reads back the same double.
         object.__setattr__(self, "params", (repr(p1), str(p2)))
         object.__setattr__(self, "key_suffix", f"{self.code}:{p1!r}:{p2}")
+        object.__setattr__(self, "script_args", (str(self.code).encode(), repr(p1).encode(), str(p2).encode()))
 
 
 @dataclass(frozen=True)

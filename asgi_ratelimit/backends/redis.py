@@ -21,6 +21,8 @@ from .memory import system_clock_us
 
 __all__ = ["RedisBackend"]
 
+_COSTS = [str(cost).encode() for cost in range(64)]  # the common costs, encoded once
+
 HIT_SCRIPT = files(__package__).joinpath("lua/hit.lua").read_text(encoding="utf-8")
 ACQUIRE_SCRIPT = files(__package__).joinpath("lua/acquire.lua").read_text(encoding="utf-8")
 
@@ -216,17 +218,21 @@ class RedisBackend:
         else:
             self._initialising = None  # the next hit tries again
 
-    def _script_args(self, hits: Sequence[Hit]) -> list[str | int]:
-        """KEYS then ARGV for hit.lua (see the contract at the top of the script)."""
-        keys: list[str | int] = []
-        args: list[str | int] = ["" if self._clock is None else self._clock()]
+    def _script_args(self, hits: Sequence[Hit]) -> list[bytes | str | int]:
+        """KEYS then ARGV for hit.lua (see the contract at the top of the script).
+
+        Arguments go out as bytes where they can: redis-py then sends them without encoding each.
+        """
+        keys: list[bytes | str | int] = []
+        args: list[bytes | str | int] = [b"" if self._clock is None else self._clock()]
         digests: dict[str, str] = {}
         for identity, policy, cost in hits:
             hashed = digests.get(identity)
             if hashed is None:
                 hashed = digests[identity] = digest(identity)
-            keys.append(state_key(self.prefix, hashed, policy))
-            args += (policy.code, cost, *policy.params)
+            keys.append(state_key(self.prefix, hashed, policy).encode())
+            code, p1, p2 = policy.script_args
+            args += (code, _COSTS[cost] if cost < len(_COSTS) else cost, p1, p2)
         keys += args
         return keys
 

@@ -60,7 +60,7 @@ Call = Callable[[str], Awaitable[bool]]
 class Config:
     """One line of the table."""
 
-    backend: str  # "memory", "redis" or "ceiling"
+    backend: str  # "memory", "redis", "redis-single" (coalescing off) or "ceiling"
     algorithm: str  # an algorithm name, or "evalsha return 1"
     keys: str  # "10k" or "hot"
     concurrency: int
@@ -78,6 +78,8 @@ def configs() -> list[Config]:
         out += [Config("redis", algorithm, "10k", concurrency) for algorithm in ALGORITHMS]
         if concurrency == IN_FLIGHT:
             out += [Config("redis", algorithm, "hot", concurrency) for algorithm in ALGORITHMS]
+            # The same calls without coalescing: one EVALSHA round trip per decision, for comparison.
+            out += [Config("redis-single", algorithm, "10k", concurrency) for algorithm in ALGORITHMS]
         out += [Config("memory", algorithm, "10k", concurrency) for algorithm in ALGORITHMS]
     return out
 
@@ -152,6 +154,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     hot = ["the-one-hot-client"]
 
     redis_backend = RedisBackend(client, prefix=prefix)
+    single_backend = RedisBackend(client, prefix=prefix, coalesce=False)
     calls: dict[Config, tuple[Call, list[str]]] = {}
     for config in configs():
         if config.backend == "ceiling":
@@ -160,7 +163,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         limit = HOT_KEY_LIMIT if config.keys == "hot" else MANY_KEYS_LIMIT
         policy = parse_limit(limit, config.algorithm)
         # A fresh MemoryBackend per config: its state (and its LRU cap) is not shared between lines.
-        backend = MemoryBackend(prefix=prefix) if config.backend == "memory" else redis_backend
+        backend = {"memory": MemoryBackend(prefix=prefix), "redis": redis_backend, "redis-single": single_backend}[
+            config.backend
+        ]
         calls[config] = (engine_call(backend, policy), hot if config.keys == "hot" else many)
 
     order = list(calls)
@@ -262,14 +267,14 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print(f"keys: {params['identities']:,} identities at {params['many_keys_limit']!r}; hot: one identity")
     header = (
-        f"{'backend':<8} {'algorithm':<24} {'keys':<4} {'in flight':>9} {'decisions/s':>12} {'min-max':>15}"
+        f"{'backend':<12} {'algorithm':<24} {'keys':<4} {'in flight':>9} {'decisions/s':>12} {'min-max':>15}"
         f" {'ceiling/s':>10} {'ratio':>6} {'paired':>6} {'client µs':>9} {'redis µs':>8} {'denied':>7}"
     )
     print(header)
     print("-" * len(header))
     for row in report["summary"]:
         print(
-            f"{row['backend']:<8} {row['algorithm']:<24} {row['keys']:<4} {row['concurrency']:>9}"
+            f"{row['backend']:<12} {row['algorithm']:<24} {row['keys']:<4} {row['concurrency']:>9}"
             f" {row['median_per_second']:>12,.0f} {row['min_per_second']:>7,.0f}-{row['max_per_second']:<7,.0f}"
             f" {row['ceiling_median_per_second']:>10,.0f} {row['ratio_to_ceiling']:>6.2f}"
             f" {row['paired_median_ratio_to_ceiling']:>6.2f} {row['client_cpu_us_per_decision']:>9.1f}"
@@ -284,6 +289,14 @@ def print_table(report: dict[str, Any]) -> None:
     misses = [f"{r['algorithm']}/c{r['concurrency']}" for r in redis_rows if r["ratio_to_ceiling"] < 0.8]
     verdict = "met" if not misses else "NOT met by " + ", ".join(misses)
     print(f"target (every algorithm on Redis >= 80% of the ceiling): {verdict}")
+    single = {r["algorithm"]: r for r in report["summary"] if r["backend"] == "redis-single"}
+    gains = [
+        f"{r['algorithm']} {r['median_per_second'] / single[r['algorithm']]['median_per_second']:.2f}x"
+        for r in redis_rows
+        if r["concurrency"] == IN_FLIGHT and r["algorithm"] in single
+    ]
+    if gains:
+        print(f"coalescing, {IN_FLIGHT} in flight, coalesced / one round trip per decision: " + ", ".join(gains))
 
 
 def _hiredis_version() -> str | None:

@@ -178,9 +178,8 @@ def parse_check(payload: object) -> tuple[str, Policy, int]:
     unknown = sorted(name for name in payload if name not in _COMMON and name not in spec.fields)
     if unknown:
         allowed = ", ".join(f'"{name}"' for name in (*_COMMON, *spec.fields))
-        raise BadRequest(
-            422, f'Unknown field {_show(unknown[0])} for algorithm "{algorithm}": expected {allowed}.', unknown[0]
-        )
+        field = _echo(unknown[0])
+        raise BadRequest(422, f'Unknown field "{field}" for algorithm "{algorithm}": expected {allowed}.', field)
     if "key" not in payload:
         raise BadRequest(422, 'The field "key" is required.', "key")
     key = payload["key"]
@@ -229,6 +228,12 @@ def _json_kind(value: object) -> str:
     if value is None:
         return "null"
     return "number"
+
+
+def _echo(name: str) -> str:
+    """A client's field name fit to send back: valid UTF-8 (a lone surrogate escaped), at most 64 characters."""
+    safe = name.encode("utf-8", "backslashreplace").decode("utf-8")
+    return safe if len(safe) <= 64 else safe[:61] + "..."
 
 
 def _show(value: object) -> str:

@@ -138,6 +138,8 @@ BAD_INPUTS = [
     # unknown fields, including another algorithm's
     bad("field-unknown", {**SW, "limti": 5}, 422, "limti"),
     bad("field-of-other-algorithm", {**TB, "window": 60}, 422, "window"),
+    bad("field-lone-surrogate", None, 422, "\\ud800", raw=b'{"key": "u", "algorithm": "fixed_window", "\\ud800": 1}'),
+    bad("field-very-long", {**SW, "x" * 50_000: 1}, 422, "x" * 61 + "..."),
     # key
     bad("key-missing", without(SW, "key"), 422, "key"),
     bad("key-number", {**SW, "key": 123}, 422, "key"),
@@ -447,17 +449,19 @@ async def test_openapi_document_lists_every_route() -> None:
 
 ALGORITHM_NAMES = ["token_bucket", "sliding_window", "fixed_window", "sliding_window_counter", "gcra"]
 FIELDS = ["key", "algorithm", "cost", "capacity", "refill_rate", "limit", "window", "period", "burst"]
+# Any code point, lone surrogates included: JSON's \ud800 escapes reach the service as such.
+any_text = st.text(st.characters(exclude_categories=()) | st.characters(categories=["Cs"]), max_size=20)
 json_scalars = (
     st.none()
     | st.booleans()
     | st.integers(min_value=-(10**20), max_value=10**20)
     | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
+    | any_text
     | st.sampled_from(ALGORITHM_NAMES)
 )
 json_values = st.recursive(
     json_scalars,
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(any_text, children, max_size=4),
     max_leaves=12,
 )
 # Objects made of the real field names and mostly plausible values, so that many examples decide.
@@ -465,7 +469,7 @@ plausible = {"integer": st.integers(1, 100) | json_scalars, "number": st.floats(
 check_bodies = st.dictionaries(st.sampled_from(FIELDS), json_scalars, max_size=6) | st.one_of(
     st.fixed_dictionaries(
         {
-            "key": st.text(min_size=1, max_size=10),
+            "key": any_text,
             "algorithm": st.just(name),
             **{field: plausible[kind] | json_scalars for field, kind in spec.fields.items()},
         },
@@ -473,6 +477,10 @@ check_bodies = st.dictionaries(st.sampled_from(FIELDS), json_scalars, max_size=6
     )
     for name, spec in ALGORITHMS.items()
 )
+# ... and now and then a field of the client's invention, which the answer names.
+check_bodies = check_bodies | st.tuples(
+    check_bodies, st.dictionaries(any_text, json_scalars, min_size=1, max_size=2)
+).map(lambda parts: {**parts[1], **parts[0]})
 
 
 @given(body=json_values | check_bodies)

@@ -75,6 +75,7 @@ class RedisBackend:
         # Set once the client is initialised and the script loaded (correctness rule 23).
         self._initialised = False
         self._initialising: asyncio.Task[None] | None = None
+        self._sentinels: list[Any] = []  # clients of the sentinels, when built by from_sentinel
         # redis-py's RedisCluster fails a command at once (MaxConnectionsError) when a node's pool
         # is exhausted, and without pipelines every call in flight holds a connection: wait for a
         # free one instead.  One bound for the whole client, so no node's pool can run out.
@@ -141,8 +142,9 @@ class RedisBackend:
         sentinel_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
         sentinel_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT)
         sentinel = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
-        client = sentinel.master_for(service_name)
-        return cls(client, prefix=prefix, clock=clock, coalesce=coalesce)
+        backend = cls(sentinel.master_for(service_name), prefix=prefix, clock=clock, coalesce=coalesce)
+        backend._sentinels = list(sentinel.sentinels)  # their connections are ours to close
+        return backend
 
     async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
         """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
@@ -267,8 +269,10 @@ class RedisBackend:
         return self._call.round_trips
 
     async def aclose(self) -> None:
-        """Close the client's connections."""
+        """Close the client's connections (and the sentinels', when built by from_sentinel)."""
         await self.client.aclose()
+        for sentinel in self._sentinels:
+            await sentinel.aclose()
 
 
 def _max_connections(client: Any) -> int:

@@ -1,4 +1,7 @@
-"""Developer tasks, one session per gate: nox -s tests | lint | typecheck | bench | docs | plots | example | demo."""
+"""Developer tasks, one session per gate.
+
+nox -s tests | lint | typecheck | bench | bench_cluster | docs | plots | example | demo
+"""
 
 from __future__ import annotations
 
@@ -46,6 +49,13 @@ def bench(session: nox.Session) -> None:
         session.install("-r", str(requirements))
     for script in sorted(Path("benchmarks").glob("bench_*.py")):
         session.run("python", str(script), *session.posargs)
+
+
+@nox.session
+def bench_cluster(session: nox.Session) -> None:
+    """Decisions/s on a Redis Cluster of 1, 2 and 3 primaries (started on free ports); draws docs/plots/scaling.png."""
+    session.install("-e", ".[test,hiredis]", "matplotlib")
+    session.run("python", "benchmarks/cluster_bench.py", *session.posargs)
 
 
 EXAMPLE_DEPS = (".[jwt]", "uvicorn>=0.30")

@@ -415,7 +415,8 @@ JWT_CASES: list[tuple[str, Headers, str | None]] = [
     ("scheme case-insensitive", bearer(hs256({"sub": "alice"}), "bearer"), "alice"),
     ("scheme upper case", bearer(hs256({"sub": "alice"}), "BEARER"), "alice"),
     ("extra spaces", [("authorization", "Bearer   " + hs256({"sub": "alice"}) + "  ")], "alice"),
-    ("valid with exp and nbf", bearer(hs256({"sub": "alice", "exp": NOW + 60, "nbf": NOW - 60})), "alice"),
+    # The table is built at collection time, minutes before a long suite reaches it: generous margins.
+    ("valid with exp and nbf", bearer(hs256({"sub": "alice", "exp": NOW + 86_400, "nbf": NOW - 60})), "alice"),
     ("bad signature", bearer(hs256({"sub": "alice"}, "another-secret-that-is-long-enough!!")), None),
     ("alg none", bearer(unsigned({"sub": "alice"})), None),
     ("expired", bearer(hs256({"sub": "alice", "exp": NOW - 60})), None),
@@ -491,9 +492,10 @@ def test_jwt_claim_plain_header_without_scheme() -> None:
 def test_jwt_claim_audience_issuer_leeway() -> None:
     extractor = JWTClaim("sub", key=SECRET, algorithms=["HS256"], audience="api", issuer="https://idp", leeway=30)
     good = {"sub": "alice", "aud": "api", "iss": "https://idp"}
+    now = int(time.time())  # not the module's NOW: this test may run long after collection
     assert extractor(make_request(bearer(hs256(good)))) == "alice"
-    assert extractor(make_request(bearer(hs256({**good, "exp": NOW - 10})))) == "alice"  # within leeway
-    assert extractor(make_request(bearer(hs256({**good, "exp": NOW - 120})))) is None
+    assert extractor(make_request(bearer(hs256({**good, "exp": now - 10})))) == "alice"  # within leeway
+    assert extractor(make_request(bearer(hs256({**good, "exp": now - 120})))) is None
     assert extractor(make_request(bearer(hs256({**good, "aud": "other"})))) is None
     assert extractor(make_request(bearer(hs256({**good, "iss": "https://evil"})))) is None
     assert extractor(make_request(bearer(hs256({"sub": "alice", "iss": "https://idp"})))) is None

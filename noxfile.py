@@ -18,7 +18,10 @@ def tests(session: nox.Session) -> None:
     """The whole test suite, with branch coverage."""
     session.install("-e", TEST_DEPS)
     session.run(
-        "pytest", "--cov", "--cov-report=term-missing:skip-covered", *session.posargs,
+        "pytest",
+        "--cov",
+        "--cov-report=term-missing:skip-covered",
+        *session.posargs,
         env={"PYTHONDONTWRITEBYTECODE": "1"},
     )
 

@@ -77,8 +77,20 @@ class RedisProcess:
         binary = shutil.which("redis-server")
         assert binary is not None
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.directory, *self.extra_args],
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.directory,
+                *self.extra_args,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -195,9 +207,7 @@ async def mw_backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIt
 
 
 @pytest.fixture(params=MIDDLEWARE_BACKENDS)
-async def mw_clocked_backend(
-    request: pytest.FixtureRequest, key_prefix: str, clock: ManualClock
-) -> AsyncIterator[Any]:
+async def mw_clocked_backend(request: pytest.FixtureRequest, key_prefix: str, clock: ManualClock) -> AsyncIterator[Any]:
     """Like ``mw_backend``, on the test's ManualClock (Redis in client-clock mode), for tests that move time."""
     if request.param == "memory":
         yield MemoryBackend(prefix=key_prefix, clock=clock)

@@ -71,9 +71,14 @@ def _check_count(owner: str, name: str, value: object) -> int:
     return value
 
 
+def _finite(value: float) -> bool:
+    # math.isfinite raises OverflowError on an int too large for a float; such an int is out of range anyway.
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def _check_seconds(owner: str, name: str, value: object) -> int:
     """Validate a duration in seconds and return it in whole microseconds."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not _finite(value):
         raise ConfigurationError(f"{owner}: {name} must be a number of seconds, got {value!r}.")
     micros = round(value * MICROS)
     if not _MIN_WINDOW_US <= micros <= _MAX_WINDOW_US:
@@ -120,7 +125,7 @@ class TokenBucket(Policy):
         owner = f"TokenBucket(capacity={self.capacity!r}, refill_rate={self.refill_rate!r})"
         _check_count(owner, "capacity", self.capacity)
         rate = self.refill_rate
-        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate):
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not _finite(rate):
             raise ConfigurationError(f"{owner}: refill_rate must be a number of tokens per second, got {rate!r}.")
         if not 1e-6 <= rate <= _MAX_COUNT:
             raise ConfigurationError(f"{owner}: refill_rate must be between 0.000001 and {_MAX_COUNT:,}, got {rate!r}.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from typing import Any
 
 import pytest
 
@@ -250,3 +251,13 @@ def test_keys_hash_identities_to_fixed_size(identity: str) -> None:
 def test_digest_is_stable_and_distinguishes_identities() -> None:
     assert digest("alice") == digest("alice")
     assert len({digest(s) for s in ("alice", "Alice", "alice ", "bob", "")}) == 5
+
+
+@pytest.mark.parametrize(
+    "build",
+    [lambda: SlidingWindow(5, 10**400), lambda: TokenBucket(5, 10**400), lambda: GCRA(5, 10**400)],
+    ids=["window", "refill_rate", "period"],
+)
+def test_an_int_too_large_for_a_float_is_a_configuration_error(build: Any) -> None:
+    with pytest.raises(ConfigurationError):
+        build()

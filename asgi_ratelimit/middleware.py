@@ -173,7 +173,7 @@ class RateLimitMiddleware:
         slots: list[tuple[str, str, CompiledLimits]] = []  # (rule name, identity, limits) with a Concurrency
         for rule in matched:
             value = rule.key(request)
-            if inspect.isawaitable(value):
+            if value.__class__ is not str and inspect.isawaitable(value):  # the common case costs one check
                 value = await value
             if value is None:
                 continue  # the rule does not apply to this request

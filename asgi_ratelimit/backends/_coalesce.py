@@ -28,29 +28,36 @@ Args = Sequence[Any]
 
 
 class ScriptCaller:
-    """Runs one Lua script by SHA on a redis.asyncio client, coalescing concurrent calls."""
+    """Runs one Lua script by SHA on a redis.asyncio client, coalescing concurrent calls.
 
-    def __init__(self, client: Any, source: str, *, coalesce: bool = True) -> None:
+    At most ``max_in_flight`` round trips are under way at once; calls beyond that queue, and leave
+    together as soon as one returns.
+    """
+
+    def __init__(self, client: Any, source: str, *, coalesce: bool = True, max_in_flight: int = 1) -> None:
         self.client = client
         self.source = source
         self.sha = sha1(source.encode("utf-8")).hexdigest()
         self.coalesce = coalesce
+        self.max_in_flight = max_in_flight
         self._queue: list[tuple[Args, asyncio.Future[Any]]] = []
-        self._busy = False
+        self._in_flight = 0
+        self._flushes: set[asyncio.Task[None]] = set()  # kept from the garbage collector while they run
         self.round_trips = 0  # observable by tests and benchmarks
 
     async def __call__(self, numkeys: int, *args: Any) -> Any:
         """Run the script with ``numkeys`` keys followed by the arguments; return its reply."""
         call_args: Args = (numkeys, *args)
-        if self._busy and self.coalesce:
+        if self.coalesce and self._in_flight >= self.max_in_flight:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             self._queue.append((call_args, future))
             return await future
-        self._busy = True
+        self._in_flight += 1
         try:
             return await self._run_one(call_args)
         finally:
-            self._after_round_trip()
+            self._in_flight -= 1
+            self._send_queued()
 
     async def _run_one(self, call_args: Args) -> Any:
         self.round_trips += 1
@@ -67,24 +74,22 @@ class ScriptCaller:
         if loaded != self.sha:  # never expected; a mismatch would make every call fail
             raise redis_errors.ResponseError(f"SCRIPT LOAD returned {loaded!r}, expected {self.sha}")
 
-    def _after_round_trip(self) -> None:
-        if self._queue:
-            # Keep the caller busy: the flusher owns the connection turn until the queue is empty.
-            asyncio.get_running_loop().create_task(self._flush())
-        else:
-            self._busy = False
+    def _send_queued(self) -> None:
+        """Start a pipeline for the queue while a round trip is free."""
+        while self._queue and self._in_flight < self.max_in_flight:
+            batch = self._queue[:MAX_BATCH]
+            del self._queue[:MAX_BATCH]
+            self._in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._flush(batch))
+            self._flushes.add(task)
+            task.add_done_callback(self._flushes.discard)
 
-    async def _flush(self) -> None:
+    async def _flush(self, batch: list[tuple[Args, asyncio.Future[Any]]]) -> None:
         try:
-            while self._queue:
-                batch = self._queue[:MAX_BATCH]
-                del self._queue[:MAX_BATCH]
-                await self._send_batch(batch)
+            await self._send_batch(batch)
         finally:
-            self._busy = False
-            if self._queue:  # only reachable if the flusher itself was cancelled mid-way
-                self._busy = True
-                asyncio.get_running_loop().create_task(self._flush())
+            self._in_flight -= 1
+            self._send_queued()
 
     async def _send_batch(self, batch: list[tuple[Args, asyncio.Future[Any]]]) -> None:
         if len(batch) == 1:

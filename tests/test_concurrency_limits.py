@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import http_sfv
@@ -21,14 +20,10 @@ from asgi_ratelimit._keys import digest, slots_key
 SEPARATOR = "\x1f"  # between the rule's name and the key in the identity the backend hashes
 
 
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-async def backend(request: pytest.FixtureRequest, key_prefix: str) -> AsyncIterator[Any]:
-    if request.param == "memory":
-        yield MemoryBackend(prefix=key_prefix)
-        return
-    instance = RedisBackend(Redis.from_url(request.getfixturevalue("redis_url")), prefix=key_prefix)
-    yield instance
-    await instance.aclose()
+@pytest.fixture
+def backend(mw_backend: Any) -> Any:
+    """MemoryBackend, or RedisBackend on the machine's Redis (conftest's ``mw_backend``)."""
+    return mw_backend
 
 
 async def slots_in_use(backend: Any, rule: str, key: str) -> int:

@@ -269,6 +269,7 @@ def own_cluster() -> Iterator[RedisCluster]:
         yield running
 
 
+@pytest.mark.timing
 async def test_a_killed_primary_fails_open_then_decisions_resume(own_cluster: RedisCluster, key_prefix: str) -> None:
     """SIGKILL a primary under load: no 5xx; once its replica is promoted, decisions come back on their own."""
     backend = RedisBackend.from_url(own_cluster.url, cluster=True, prefix=key_prefix)

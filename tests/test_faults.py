@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from asgi_ratelimit import RateLimitMiddleware, RedisBackend, Rule
 
 pytestmark = [
+    pytest.mark.timing,
     pytest.mark.redis,
     pytest.mark.slow,
     # redis-py drops the socket of a connection whose command was cancelled mid-flight (an abandoned

@@ -393,12 +393,19 @@ def _no_key(request: HTTPConnection) -> str | None:
 def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
     """Wrap ``send`` so the response start (or websocket accept) carries ``headers``; the rest passes as is."""
 
+    names = {name for name, _ in headers}
+
     async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start" or message["type"] == "websocket.accept":
+        kind = message["type"]
+        if kind == "http.response.start" or kind == "websocket.accept":
             existing = message.get("headers") or []
-            present = {name.lower() for name, _ in existing}
-            message = dict(message)
-            message["headers"] = [*existing, *(h for h in headers if h[0] not in present)]
+            # An app that set one of these headers itself keeps its own value.
+            if any(name.lower() in names for name, _ in existing):
+                present = {name.lower() for name, _ in existing}
+                extra = [header for header in headers if header[0] not in present]
+            else:
+                extra = headers
+            message = {**message, "headers": [*existing, *extra]}
         await send(message)
 
     return send_with_headers

@@ -205,7 +205,7 @@ async def test_bad_input_is_refused_naming_the_field_and_counts_nothing(
     store: Store, body: Any, raw: bytes | None, status: int, field: str | None
 ) -> None:
     registry = CollectorRegistry()
-    app = create_app(store.backend, registry=registry)
+    app = create_app(store.backend, registry=registry, timeout=2.0)
     response = await post(app, body, raw=raw)
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == PROBLEM
@@ -258,7 +258,7 @@ GOOD = [pytest.param(body, id=str(body["algorithm"])) for body in (TB, SW, FW, S
 @pytest.mark.parametrize("body", GOOD)
 async def test_good_input_decides_with_headers(store: Store, body: dict[str, Any]) -> None:
     registry = CollectorRegistry()
-    app = create_app(store.backend, registry=registry)
+    app = create_app(store.backend, registry=registry, timeout=2.0)
     response = await post(app, body)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/json"
@@ -292,7 +292,7 @@ async def test_good_input_decides_with_headers(store: Store, body: dict[str, Any
 @pytest.mark.parametrize("body", GOOD)
 async def test_a_key_runs_out_and_is_told_when_to_retry(store: Store, body: dict[str, Any]) -> None:
     registry = CollectorRegistry()
-    app = create_app(store.backend, registry=registry)
+    app = create_app(store.backend, registry=registry, timeout=2.0)
     small = {**body, "key": "runs-out"}
     for name in ("capacity", "limit", "burst"):
         if name in small:
@@ -317,7 +317,7 @@ async def test_a_key_runs_out_and_is_told_when_to_retry(store: Store, body: dict
 
 @pytest.mark.parametrize("body", GOOD)
 async def test_a_cost_above_capacity_is_never_with_a_null_retry_after(store: Store, body: dict[str, Any]) -> None:
-    app = create_app(store.backend, registry=CollectorRegistry())
+    app = create_app(store.backend, registry=CollectorRegistry(), timeout=2.0)
     capacity = body.get("burst", body.get("limit", body.get("capacity")))
     assert isinstance(capacity, int)
     response = await post(app, {**body, "cost": capacity + 1})
@@ -337,7 +337,7 @@ async def test_a_cost_above_capacity_is_never_with_a_null_retry_after(store: Sto
 
 
 async def test_a_key_of_exactly_1KiB_is_accepted(store: Store) -> None:
-    app = create_app(store.backend, registry=CollectorRegistry())
+    app = create_app(store.backend, registry=CollectorRegistry(), timeout=2.0)
     response = await post(app, {**SW, "key": "é" * (MAX_KEY_BYTES // 2)})
     assert response.status_code == 200
 
@@ -406,7 +406,7 @@ async def test_a_failing_backend_answers_503_and_counts_failed_closed() -> None:
 
 async def test_health_liveness_and_metrics(store: Store) -> None:
     registry = CollectorRegistry()
-    app = create_app(store.backend, registry=registry)
+    app = create_app(store.backend, registry=registry, timeout=2.0)
     health = await get(app, "/health")
     assert health.status_code == 200
     assert health.json()["status"] == "ok"

@@ -79,16 +79,19 @@ def check_hits(hits: Sequence[Hit]) -> None:
 def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decision]:
     """Turn the scripts' flat reply (allowed, retry_us, remaining, reset_us per entry) into Decisions."""
     decisions = []
-    for i, (_, policy, _) in enumerate(hits):
-        allowed, retry_us, remaining, reset_us = flat[4 * i : 4 * i + 4]
+    values = iter(flat)
+    # zip over one iterator takes the reply four values at a time.
+    for (_, policy, _), allowed, retry_us, remaining, reset_us in zip(
+        hits, values, values, values, values, strict=True
+    ):
         decisions.append(
             Decision(
-                allowed=bool(allowed),
-                limit=policy.quota,
-                remaining=max(0, int(remaining)),
-                retry_after=math.inf if retry_us < 0 else retry_us / MICROS,
-                reset_after=max(0, reset_us) / MICROS,
-                policy=policy,
+                allowed == 1,
+                policy.quota,
+                int(remaining) if remaining > 0 else 0,
+                math.inf if retry_us < 0 else retry_us / MICROS,
+                reset_us / MICROS if reset_us > 0 else 0.0,
+                policy,
             )
         )
     return decisions

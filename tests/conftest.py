@@ -215,3 +215,23 @@ async def mw_clocked_backend(request: pytest.FixtureRequest, key_prefix: str, cl
     instance = RedisBackend(Redis.from_url(request.getfixturevalue("redis_url")), prefix=key_prefix, clock=clock)
     yield instance
     await instance.aclose()
+
+
+def parse_sf_list(value: str | bytes) -> list[tuple[str, dict[str, int]]]:
+    """Parse a RateLimit / RateLimit-Policy field with http_sfv, an independent RFC 9651 parser.
+
+    Checks what the draft requires of every member: an Item whose value is a String (not a Token) and whose
+    parameters are integers.  Returns (name, parameters) per member.
+    """
+    import http_sfv
+
+    parsed = http_sfv.List()
+    parsed.parse(value.encode("ascii") if isinstance(value, str) else value)
+    items = []
+    for member in parsed:
+        assert isinstance(member, http_sfv.Item)
+        assert isinstance(member.value, str) and not isinstance(member.value, http_sfv.Token)
+        params = dict(member.params)
+        assert all(type(v) is int for v in params.values()), params
+        items.append((member.value, params))
+    return items

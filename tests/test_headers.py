@@ -9,6 +9,7 @@ import math
 
 import http_sfv
 import pytest
+from conftest import parse_sf_list
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -22,19 +23,6 @@ from asgi_ratelimit.headers import (
     retry_after_seconds,
     sf_string,
 )
-
-
-def parse_list(value: bytes) -> list[tuple[str, dict[str, int]]]:
-    parsed = http_sfv.List()
-    parsed.parse(value)
-    items = []
-    for member in parsed:
-        assert isinstance(member, http_sfv.Item)
-        assert isinstance(member.value, str) and not isinstance(member.value, http_sfv.Token)
-        params = dict(member.params)
-        assert all(type(v) is int for v in params.values()), params
-        items.append((member.value, params))
-    return items
 
 
 def allowed(limit: int, remaining: int, reset_after: float) -> Decision:
@@ -81,7 +69,7 @@ def test_any_name_becomes_a_valid_string(text: str) -> None:
 
 def test_policy_item() -> None:
     assert policy_item("login", 5, 60) == '"login";q=5;w=60'
-    assert parse_list(policy_item('a"b', 100, 3600).encode()) == [('a"b', {"q": 100, "w": 3600})]
+    assert parse_sf_list(policy_item('a"b', 100, 3600).encode()) == [('a"b', {"q": 100, "w": 3600})]
 
 
 @pytest.mark.parametrize(
@@ -118,12 +106,12 @@ class TestRateLimitHeaders:
         items = ['"a:10s";q=2;w=10', '"a:3600s";q=100;w=3600', '"b";q=10;w=60']
         names = ['"a:10s"', '"a:3600s"', '"b"']
         headers = as_dict(rate_limit_headers(decisions, items, names, "ietf", True))
-        assert parse_list(headers["ratelimit-policy"].encode()) == [
+        assert parse_sf_list(headers["ratelimit-policy"].encode()) == [
             ("a:10s", {"q": 2, "w": 10}),
             ("a:3600s", {"q": 100, "w": 3600}),
             ("b", {"q": 10, "w": 60}),
         ]
-        assert parse_list(headers["ratelimit"].encode()) == [
+        assert parse_sf_list(headers["ratelimit"].encode()) == [
             ("a:10s", {"r": 0, "t": 5}),
             ("a:3600s", {"r": 98, "t": 3599}),
             ("b", {"r": 3, "t": 30}),
@@ -193,9 +181,9 @@ def test_headers_always_parse_and_retry_after_covers_every_denial(decisions: lis
     items = [policy_item(n, d.limit, 60) for n, d in zip(names, decisions, strict=True)]
     is_denied = not all(d.allowed for d in decisions)
     headers = as_dict(rate_limit_headers(decisions, items, [sf_string(n) for n in names], "both", is_denied))
-    state = parse_list(headers["ratelimit"].encode())
+    state = parse_sf_list(headers["ratelimit"].encode())
     assert [name for name, _ in state] == names
-    assert [name for name, _ in parse_list(headers["ratelimit-policy"].encode())] == names
+    assert [name for name, _ in parse_sf_list(headers["ratelimit-policy"].encode())] == names
     for (_, params), decision in zip(state, decisions, strict=True):
         assert params["r"] == decision.remaining
         if not decision.allowed:

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import http_sfv
 import httpx
 import pytest
+from conftest import parse_sf_list
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
@@ -83,19 +83,6 @@ async def post(app: ASGIApp, body: Any = None, *, raw: Any = None, **kwargs: Any
 async def get(app: ASGIApp, path: str, **kwargs: Any) -> httpx.Response:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client:
         return await client.get(path, **kwargs)
-
-
-def parse_list(value: str) -> list[tuple[str, dict[str, int]]]:
-    parsed = http_sfv.List()
-    parsed.parse(value.encode("ascii"))
-    items = []
-    for member in parsed:
-        assert isinstance(member, http_sfv.Item)
-        assert isinstance(member.value, str) and not isinstance(member.value, http_sfv.Token)
-        params = dict(member.params)
-        assert all(type(v) is int for v in params.values()), params
-        items.append((member.value, params))
-    return items
 
 
 def counted(registry: CollectorRegistry, rule: str, result: str) -> float:
@@ -273,11 +260,11 @@ async def test_good_input_decides_with_headers(store: Store, body: dict[str, Any
     assert decision["retry_after"] == 0
     assert decision["reset_after"] > 0
     name = body["algorithm"]
-    ((policy_name, policy),) = parse_list(response.headers["ratelimit-policy"])
+    ((policy_name, policy),) = parse_sf_list(response.headers["ratelimit-policy"])
     assert policy_name == name
     assert policy["q"] == limit
     assert policy["w"] >= 1
-    ((state_name, state),) = parse_list(response.headers["ratelimit"])
+    ((state_name, state),) = parse_sf_list(response.headers["ratelimit"])
     assert state_name == name
     assert state == {"r": limit - 1, "t": math.ceil(decision["reset_after"])}
     # Retry-After never goes on a 2xx, not even on a denial.
@@ -307,7 +294,7 @@ async def test_a_key_runs_out_and_is_told_when_to_retry(store: Store, body: dict
     assert decision["never"] is False
     assert decision["remaining"] == 0
     assert decision["retry_after"] > 0
-    ((_, state),) = parse_list(denied.headers["ratelimit"])
+    ((_, state),) = parse_sf_list(denied.headers["ratelimit"])
     # On a denial, t is what the middleware's Retry-After would say: whole seconds, rounded up, at least 1.
     assert state["t"] == max(1, math.ceil(decision["retry_after"]))
     assert "retry-after" not in denied.headers
@@ -328,7 +315,7 @@ async def test_a_cost_above_capacity_is_never_with_a_null_retry_after(store: Sto
     assert decision["never"] is True
     assert decision["retry_after"] is None
     assert math.isfinite(decision["reset_after"])
-    ((_, state),) = parse_list(response.headers["ratelimit"])
+    ((_, state),) = parse_sf_list(response.headers["ratelimit"])
     assert state["t"] == 365 * 86_400  # the middleware's finite "never": a year
     # A "never" hit takes nothing: the whole allowance is still there.
     after = (await post(app, body)).json()

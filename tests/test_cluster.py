@@ -291,6 +291,7 @@ async def test_a_killed_primary_fails_open_then_decisions_resume(own_cluster: Re
     # (time, value, status, decided): decided means the limiter answered, with RateLimit headers.
     log: list[tuple[float, str, int, bool]] = []
     killed_at = 0.0
+    keys: dict[int, list[bytes]] = {}
     stop = asyncio.Event()
 
     async def worker(number: int, client: httpx.AsyncClient) -> None:
@@ -315,6 +316,9 @@ async def test_a_killed_primary_fails_open_then_decisions_resume(own_cluster: Re
             passes = [entry[0] for entry in recent if not entry[3]]
             if passes and now - max(passes) > 2.0 and any(entry[0] > now - 1 for entry in recent):
                 break
+        # Scan while traffic still runs: a 5/second key lives about 1 s after its last hit, and a loaded machine
+        # can take that long to wind the workers down and close the client.
+        keys.update(await asyncio.to_thread(own_cluster.keys_by_primary, f"{key_prefix}*"))
         stop.set()
 
     transport = httpx.ASGITransport(app=app)
@@ -344,7 +348,6 @@ async def test_a_killed_primary_fails_open_then_decisions_resume(own_cluster: Re
         f"decisions resumed {resumed_after:.2f} s after SIGKILL"
     )
     # Every key the limiter wrote, on the primaries that remain, expires.
-    keys = own_cluster.keys_by_primary(f"{key_prefix}*")
     assert sum(len(found) for found in keys.values()) >= IDENTITIES - len(on_victim)
     for port, found in keys.items():
         with sync_redis.Redis(port=port) as admin:

@@ -24,6 +24,7 @@ from .policies import Decision
 
 __all__ = [
     "HEADER_MODES",
+    "HEADER_NAMES",
     "HeaderMode",
     "concurrency_item",
     "policy_item",
@@ -70,6 +71,19 @@ def _t_seconds(decision: Decision) -> int:
     return math.ceil(decision.reset_after)
 
 
+#: Every header name this module writes, lowercased as ASGI carries them.
+HEADER_NAMES = frozenset(
+    {
+        b"ratelimit-policy",
+        b"ratelimit",
+        b"x-ratelimit-limit",
+        b"x-ratelimit-remaining",
+        b"x-ratelimit-reset",
+        b"retry-after",
+    }
+)
+
+
 def check_mode(mode: str) -> HeaderMode:
     """Validate the ``headers=`` setting."""
     if mode not in HEADER_MODES:
@@ -83,22 +97,29 @@ def rate_limit_headers(
     item_names: Sequence[str],
     mode: HeaderMode,
     denied: bool,
+    policy_header: bytes | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The raw ASGI headers for one response.
 
     ``policy_items[i]`` (a preformatted RateLimit-Policy item) and ``item_names[i]`` (its
-    String-formatted name) describe ``decisions[i]``.
+    String-formatted name) describe ``decisions[i]``; ``policy_header``, when given, is the
+    RateLimit-Policy value those items make, joined and encoded ahead of time.
     """
     headers: list[tuple[bytes, bytes]] = []
     if not decisions:
         return headers
-    if mode in ("ietf", "both"):
-        headers.append((b"ratelimit-policy", ", ".join(policy_items).encode("ascii")))
-        state = ", ".join(
-            f"{name};r={d.remaining};t={_t_seconds(d)}" for name, d in zip(item_names, decisions, strict=True)
-        )
+    if mode == "ietf" or mode == "both":
+        if policy_header is None:
+            policy_header = ", ".join(policy_items).encode("ascii")
+        if len(decisions) == 1:  # the common case, without a generator and a join
+            state = f"{item_names[0]};r={decisions[0].remaining};t={_t_seconds(decisions[0])}"
+        else:
+            state = ", ".join(
+                f"{name};r={d.remaining};t={_t_seconds(d)}" for name, d in zip(item_names, decisions, strict=True)
+            )
+        headers.append((b"ratelimit-policy", policy_header))
         headers.append((b"ratelimit", state.encode("ascii")))
-    if mode in ("legacy", "both"):
+    if mode == "legacy" or mode == "both":
         tightest = _tightest(decisions)
         headers.append((b"x-ratelimit-limit", str(tightest.limit).encode()))
         headers.append((b"x-ratelimit-remaining", str(tightest.remaining).encode()))

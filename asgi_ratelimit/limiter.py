@@ -139,6 +139,10 @@ class Limiter:
         self.metrics: LimiterMetrics | None = None if registry is None else metrics_for(registry)
         # The in-memory backend never waits on I/O: no task, no timer, nothing to cache.
         self._in_process = isinstance(backend, MemoryBackend)
+        # Exactly a MemoryBackend (a subclass may override hit_many): its synchronous core is called directly.
+        self._decide_now: Callable[[Sequence[Hit]], list[Decision]] | None = (
+            backend.decide if type(backend) is MemoryBackend else None
+        )
         if isinstance(deny_cache_size, bool) or not isinstance(deny_cache_size, int) or deny_cache_size < 1:
             raise ConfigurationError(f"deny_cache_size must be a whole number of at least 1, got {deny_cache_size!r}.")
         self.deny_cache: DenyCache | None = (
@@ -176,6 +180,8 @@ class Limiter:
 
     async def decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
+        if self._decide_now is not None:
+            return self._decided_in_process(hits)
         cache = self.deny_cache
         if cache is None:
             return await self._guarded(self.backend.hit_many, hits)
@@ -197,12 +203,26 @@ class Limiter:
         """Give a concurrency slot back; a failure only means the slot expires on its own later."""
         await self._guarded(self.backend.release, key, token)
 
+    def _decided_in_process(self, hits: Sequence[Hit]) -> list[Decision]:
+        """MemoryBackend decides synchronously: called directly, it costs no coroutine and cannot hang."""
+        assert self._decide_now is not None
+        probe = self._state is not CLOSED and self._admit()  # _admit raises _BreakerOpen unless this is the probe
+        started = time.perf_counter()
+        try:
+            result = self._decide_now(hits)
+        except Exception as exc:
+            error = self._settle_failure(exc, probe, started)
+            if error is exc:
+                raise
+            raise error from exc
+        self._settle_success(probe, started)
+        return result
+
     async def _guarded(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Call a backend method within the time budget, through the breaker, counting the outcome."""
         probe = False
         if self._state is not CLOSED or self._abandoned >= self.max_abandoned:
             probe = self._admit()  # raises _BreakerOpen unless this call is the probe
-        metrics = self.metrics
         started = time.perf_counter()
         try:
             if self._in_process:
@@ -214,18 +234,25 @@ class Limiter:
                 self._probing = False
                 self._set_state(OPEN)
             raise
-        except BackendError as exc:
-            self._failed(exc, probe, started)
-            raise
         except Exception as exc:
-            error = _wrap(exc)
-            self._failed(error, probe, started)
+            error = self._settle_failure(exc, probe, started)
+            if error is exc:
+                raise
             raise error from exc
-        if metrics is not None:
-            metrics.backend_latency.observe(time.perf_counter() - started)
+        self._settle_success(probe, started)
+        return result
+
+    def _settle_failure(self, exc: Exception, probe: bool, started: float) -> BackendError:
+        """Count a failed call and move the breaker; the BackendError the caller raises."""
+        error = exc if isinstance(exc, BackendError) else _wrap(exc)
+        self._failed(error, probe, started)
+        return error
+
+    def _settle_success(self, probe: bool, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.backend_latency.observe(time.perf_counter() - started)
         if self._failures or probe or self._failing_since is not None:
             self._succeeded(probe)
-        return result
 
     async def ping(self) -> float:
         """Ping the backend within the timeout; the latency in seconds, or BackendError.
@@ -392,9 +419,19 @@ class Limiter:
 
     # -- counting outcomes -----------------------------------------------------------------
 
-    def count_decisions(self, spans: Sequence[Span], decisions: Sequence[Decision], dry_run: bool) -> None:
-        """Count each applied rule's result (allowed, denied or dry_run_denied) and log denials at DEBUG."""
+    def count_decisions(
+        self, spans: Sequence[Span], decisions: Sequence[Decision], dry_run: bool, denied: bool = True
+    ) -> None:
+        """Count each applied rule's result (allowed, denied or dry_run_denied) and log denials at DEBUG.
+
+        ``denied=False`` says that every decision allowed, which the caller knows already.
+        """
         metrics = self.metrics
+        if not denied:
+            if metrics is not None:
+                for name, _, _ in spans:
+                    metrics.decision(name, "allowed").inc()
+            return
         start = 0
         for name, identity, size in spans:
             end = start + size

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
-from .headers import HeaderMode, check_mode, rate_limit_headers, retry_after_seconds
+from .headers import HEADER_NAMES, HeaderMode, check_mode, rate_limit_headers, retry_after_seconds
 from .health import OperationsApp
 from .limiter import Limiter, Span
 from .policies import Decision
@@ -152,7 +152,7 @@ class RateLimitMiddleware:
             return
         method = scope.get("method", "GET")
         matched = [rule for rule in self.rules if rule.matches(method, path)]
-        if not matched or any(rule.matches(method, path) for rule in self._exempt_paths):
+        if not matched or (self._exempt_paths and any(rule.matches(method, path) for rule in self._exempt_paths)):
             await self.app(scope, receive, send)
             return
         request: HTTPConnection = Request(scope, receive) if scope_type == "http" else HTTPConnection(scope)
@@ -171,6 +171,7 @@ class RateLimitMiddleware:
         item_names: tuple[str, ...] = ()
         fail_open = True  # the request fails open only when every applied rule does
         slots: list[tuple[str, str, CompiledLimits]] = []  # (rule name, identity, limits) with a Concurrency
+        policy_header: bytes | None = None
         for rule in matched:
             value = rule.key(request)
             if value.__class__ is not str and inspect.isawaitable(value):  # the common case costs one check
@@ -180,10 +181,12 @@ class RateLimitMiddleware:
             limits = rule.limits_for(request)
             cost = rule.cost_for(request)
             identity = rule.name + _SEPARATOR + value
-            hits.extend((identity, policy, cost) for policy in limits.policies)
+            hits += [(identity, policy, cost) for policy in limits.policies]
             spans.append((rule.name, identity, len(limits.policies)))
             policy_items += limits.policy_items
             item_names += limits.item_names
+            # One rule's RateLimit-Policy value is joined ahead of time; several rules' are joined per request.
+            policy_header = limits.policy_header if len(spans) == 1 else None
             if limits.concurrency is not None:
                 slots.append((rule.name, identity, limits))
             if not (self.fail_open if rule.fail_open is None else rule.fail_open):
@@ -202,8 +205,12 @@ class RateLimitMiddleware:
                 await self._unavailable(scope, receive, send)
             return
 
-        denied = not all(decision.allowed for decision in decisions)
-        self.limiter.count_decisions(spans, decisions, self.dry_run)
+        denied = False
+        for decision in decisions:
+            if not decision.allowed:
+                denied = True
+                break
+        self.limiter.count_decisions(spans, decisions, self.dry_run, denied)
         if denied and not self.dry_run:
             headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
             await self._deny(scope, receive, send, request, decisions, item_names, headers)
@@ -214,7 +221,7 @@ class RateLimitMiddleware:
             )
             return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
-        headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=False)
+        headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, False, policy_header)
         if not headers:
             await self.app(scope, receive, send)
             return
@@ -393,18 +400,17 @@ def _no_key(request: HTTPConnection) -> str | None:
 def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
     """Wrap ``send`` so the response start (or websocket accept) carries ``headers``; the rest passes as is."""
 
-    names = {name for name, _ in headers}
-
     async def send_with_headers(message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start" or kind == "websocket.accept":
             existing = message.get("headers") or []
-            # An app that set one of these headers itself keeps its own value.
-            if any(name.lower() in names for name, _ in existing):
-                present = {name.lower() for name, _ in existing}
-                extra = [header for header in headers if header[0] not in present]
-            else:
-                extra = headers
+            extra = headers
+            for name, _ in existing:
+                if name.lower() in HEADER_NAMES:
+                    # An app that set one of these headers itself keeps its own value.
+                    present = {name.lower() for name, _ in existing}
+                    extra = [header for header in headers if header[0] not in present]
+                    break
             message = {**message, "headers": [*existing, *extra]}
         await send(message)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from .errors import ConfigurationError
 
@@ -98,6 +98,7 @@ class Policy:
     window_seconds: int  # what RateLimit-Policy advertises as w (whole seconds, > 0)
     capacity: int  # the largest cost that can ever be allowed
     params: tuple[str, str]  # the script's two parameters, already formatted
+    numbers: tuple[Any, int]  # the same two as numbers, for MemoryBackend (p1 is a float rate for TokenBucket)
     key_suffix: str  # distinguishes two policies stored under one identity
     script_args: tuple[bytes, bytes, bytes]  # code, p1, p2 as the script receives them, encoded once
 
@@ -108,6 +109,7 @@ class Policy:
         object.__setattr__(self, "capacity", capacity)
         # repr() of a float round-trips exactly, and Lua's tonumber reads back the same double.
         object.__setattr__(self, "params", (repr(p1), str(p2)))
+        object.__setattr__(self, "numbers", (p1, p2))
         object.__setattr__(self, "key_suffix", f"{self.code}:{p1!r}:{p2}")
         object.__setattr__(self, "script_args", (str(self.code).encode(), repr(p1).encode(), str(p2).encode()))
 

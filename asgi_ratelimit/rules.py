@@ -40,6 +40,7 @@ class CompiledLimits:
     concurrency: Concurrency | None = None  # at most this many requests in flight per key
     concurrency_item: str = ""  # its RateLimit-Policy item
     concurrency_name: str = ""  # its name as an RFC 9651 String
+    policy_header: bytes = b""  # the RateLimit-Policy value of the policies alone, joined and encoded
 
 
 def _default_key() -> KeyFunc:
@@ -78,12 +79,15 @@ class Rule:
         fail_open: bool | None = None,
     ) -> None:
         self.path = path
+        self.exact_path: str | None = None
         if isinstance(path, re.Pattern):
             self.regex = path
             derived = path.pattern
         elif isinstance(path, str) and path.startswith("/"):
             try:
                 self.regex = compile_path(path)[0]
+                # A template without parameters matches one path only: a string comparison is enough.
+                self.exact_path = None if "{" in path else path
             except (ValueError, AssertionError) as exc:
                 raise ConfigurationError(f"Rule {path!r}: invalid path template: {exc}") from exc
             derived = path
@@ -138,6 +142,9 @@ class Rule:
         """Whether this rule applies to a request of ``method`` on ``path``."""
         if self.methods is not None and method not in self.methods:
             return False
+        if self.exact_path is not None:
+            # As the regex's "$" does (and so Starlette's router): a final newline still matches.
+            return path == self.exact_path or (path[-1:] == "\n" and path[:-1] == self.exact_path)
         return self.regex.match(path) is not None
 
     def limits_for(self, request: HTTPConnection) -> CompiledLimits:
@@ -182,9 +189,11 @@ class Rule:
             raise ConfigurationError(f"{label}: the same limit appears twice in {limits!r}.")
         names = _item_names(self.name, policies)
         concurrency_name = f"{self.name}:concurrency" if policies else self.name
+        items = tuple(policy_item(n, p.quota, p.window_seconds) for n, p in zip(names, policies, strict=True))
         return CompiledLimits(
             policies=tuple(policies),
-            policy_items=tuple(policy_item(n, p.quota, p.window_seconds) for n, p in zip(names, policies, strict=True)),
+            policy_items=items,
+            policy_header=", ".join(items).encode("ascii"),
             item_names=tuple(sf_string(n) for n in names),
             concurrency=concurrency,
             concurrency_item="" if concurrency is None else concurrency_item(concurrency_name, concurrency.limit),

@@ -6,7 +6,10 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from starlette.requests import HTTPConnection
+from starlette.routing import compile_path
 
 from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, SlidingWindow, TokenBucket, rate_limit
 from asgi_ratelimit.rules import ROUTE_MARKER, Rule
@@ -196,3 +199,19 @@ class TestRateLimitMarker:
         with pytest.raises(ConfigurationError) as info:
             rate_limit(*args, key=key, **kwargs)
         assert fragment in str(info.value)
+
+
+_PATH_CHARS = st.sampled_from(["/", "a", "b", ".", "\n", "%", "-", "é"])
+
+
+@given(
+    template=st.lists(_PATH_CHARS, max_size=6).map(lambda chars: "/" + "".join(chars)),
+    path=st.lists(_PATH_CHARS, max_size=8).map("".join),
+)
+def test_a_template_without_parameters_matches_exactly_what_starlettes_regex_matches(template: str, path: str) -> None:
+    """Such a rule compares strings instead of running the regex: it must match the same paths, or a
+    request Starlette routes to the endpoint (e.g. "/login" followed by a newline, %0A) escapes the rule."""
+    rule = Rule(template, "1/second")
+    assert rule.exact_path == template
+    assert rule.matches("GET", path) == (compile_path(template)[0].match(path) is not None)
+    assert rule.matches("GET", template + "\n")

@@ -63,6 +63,10 @@ def check_hits(hits: Sequence[Hit]) -> None:
     # Two policies that differ only in ways their parameters do not keep (GCRA(10, 1) and
     # GCRA(10, 1, burst=10)) share a state key: both would be decided on the old state and
     # the second write would undo the first, so the comparison is on the key, not the policy.
+    if len(hits) == 1:  # the common case: nothing can repeat
+        cost = hits[0][2]
+        if cost.__class__ is int and cost >= 1:  # not a bool: its class is bool
+            return
     seen: set[tuple[str, str]] = set()
     for identity, policy, cost in hits:
         if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
@@ -84,14 +88,24 @@ def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decisi
     for (_, policy, _), allowed, retry_us, remaining, reset_us in zip(
         hits, values, values, values, values, strict=True
     ):
-        decisions.append(
-            Decision(
-                allowed == 1,
-                policy.quota,
-                int(remaining) if remaining > 0 else 0,
-                math.inf if retry_us < 0 else retry_us / MICROS,
-                reset_us / MICROS if reset_us > 0 else 0.0,
-                policy,
-            )
+        decision = _new_decision(Decision)
+        # Every field at once: a frozen dataclass's __init__ sets them one by one through
+        # object.__setattr__, which doubles the cost of a decision on the middleware's hot path.
+        _set_field(
+            decision,
+            "__dict__",
+            {
+                "allowed": allowed == 1,
+                "limit": policy.quota,
+                "remaining": int(remaining) if remaining > 0 else 0,
+                "retry_after": math.inf if retry_us < 0 else retry_us / MICROS,
+                "reset_after": reset_us / MICROS if reset_us > 0 else 0.0,
+                "policy": policy,
+            },
         )
+        decisions.append(decision)
     return decisions
+
+
+_new_decision = object.__new__
+_set_field = object.__setattr__

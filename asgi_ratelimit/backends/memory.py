@@ -95,6 +95,9 @@ class MemoryBackend:
         # front, so evicting at the cap under a flood cost time in proportion to the cap.
         self._store: OrderedDict[str, list[Any]] = OrderedDict()
         self._writes = 0
+        # (identity, policy key suffix) -> state key: hashing the identity costs more than the
+        # decision itself.  Bounded: emptied whenever it reaches the key cap.
+        self._keys: dict[tuple[str, str], str] = {}
 
     def __len__(self) -> int:
         return len(self._store)
@@ -140,12 +143,13 @@ class MemoryBackend:
         now = self._clock()
         verdicts: list[Verdict] = []
         all_allowed = True
-        digests: dict[str, str] = {}
+        keys = self._keys
         for identity, policy, cost in hits:
-            hashed = digests.get(identity)
-            if hashed is None:
-                hashed = digests[identity] = digest(identity)
-            key = state_key(self.prefix, hashed, policy)
+            key = keys.get((identity, policy.key_suffix))
+            if key is None:
+                if len(keys) >= self.max_keys:
+                    keys.clear()
+                key = keys[(identity, policy.key_suffix)] = state_key(self.prefix, digest(identity), policy)
             verdict = _ALGORITHMS[policy.code](self, key, now, cost, policy)
             verdicts.append(verdict)
             if not verdict[0]:
@@ -192,8 +196,8 @@ class MemoryBackend:
     # -- the algorithms, mirroring hit.lua ---------------------------------------------
 
     def _token_bucket(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
-        rate = float(policy.params[0])
-        capacity = int(policy.params[1])
+        rate = float(policy.numbers[0])
+        capacity = policy.numbers[1]
         full = capacity * SCALE
         state = self._get(key, now)
         stored, stamp = (full, now) if state is None else state
@@ -217,7 +221,7 @@ class MemoryBackend:
         return 1, 0, remaining, reset, left // SCALE, reset_after, write
 
     def _sliding_window(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
-        limit, window = int(policy.params[0]), int(policy.params[1])
+        limit, window = policy.numbers
         scores: list[int] | None = self._get(key, now)
         live_from = 0 if scores is None else bisect_right(scores, now - window)
         count = 0 if scores is None else len(scores) - live_from
@@ -241,7 +245,7 @@ class MemoryBackend:
         return 1, 0, limit - count, reset, limit - count - cost, window, write
 
     def _gcra(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
-        interval, burst = int(policy.params[0]), int(policy.params[1])
+        interval, burst = policy.numbers
         stored = self._get(key, now)
         tat = now if stored is None else max(stored, now)
         tolerance = burst * interval
@@ -259,7 +263,7 @@ class MemoryBackend:
         return 1, 0, available, tat - now, math.floor((tolerance - reset) / interval), reset, write
 
     def _fixed_window(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
-        limit, window = int(policy.params[0]), int(policy.params[1])
+        limit, window = policy.numbers
         index = _window_index(now, window)
         state = self._get(key, now)
         count = state[1] if state is not None and state[0] == index else 0
@@ -276,7 +280,7 @@ class MemoryBackend:
         return 1, 0, limit - count, reset, limit - count - cost, ends, write
 
     def _window_counter(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
-        limit, window = int(policy.params[0]), int(policy.params[1])
+        limit, window = policy.numbers
         index = _window_index(now, window)
         elapsed = now - index * window
         state = self._get(key, now)

@@ -430,7 +430,7 @@ class Limiter:
         if not denied:
             if metrics is not None:
                 for name, _, _ in spans:
-                    metrics.decision(name, "allowed").inc()
+                    metrics.count(name, "allowed")
             return
         start = 0
         for name, identity, size in spans:
@@ -443,11 +443,11 @@ class Limiter:
             start = end
             if allowed:
                 if metrics is not None:
-                    metrics.decision(name, "allowed").inc()
+                    metrics.count(name, "allowed")
                 continue
             result: Result = "dry_run_denied" if dry_run else "denied"
             if metrics is not None:
-                metrics.decision(name, result).inc()
+                metrics.count(name, result)
             if logger.isEnabledFor(logging.DEBUG):
                 # The identity is hashed as in the storage keys: never a raw IP, API key or token.
                 logger.debug("asgi_ratelimit: %s by rule %r for key %s", result, name, digest(identity))
@@ -459,7 +459,7 @@ class Limiter:
             return
         result: Result = "failed_open" if failed_open else "failed_closed"
         for name, _, _ in spans:
-            metrics.decision(name, result).inc()
+            metrics.count(name, result)
 
 
 def _wrap(exc: BaseException) -> BackendError:

@@ -4,17 +4,25 @@ Every label value comes from a bounded set: rule names (fixed when the middlewar
 decision results and error kinds.  Keys, IPs and tokens never become labels.
 
 The metric objects of one registry are built once and shared, so building a second middleware
-on the same registry reuses them instead of failing on duplicated names.  Labelled children are
-cached, so a request costs a dict lookup and an ``inc()``, never a ``labels()`` call.
+on the same registry reuses them instead of failing on duplicated names.  The two metrics every
+request touches (decisions, backend latency) are plain integers read when the registry is scraped,
+so a request costs a dict increment, never a ``labels()`` call or a lock.  They are counted on the
+event loop's thread, where the middleware runs.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
+from bisect import bisect_left
+from collections.abc import Iterable, Sequence
+from itertools import accumulate
 from typing import Final, Literal
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 __all__ = [
     "BREAKER_STATES",
@@ -52,23 +60,76 @@ LATENCY_BUCKETS: Final[tuple[float, ...]] = (
 )
 
 
+class DecisionCounts(Collector):
+    """asgi_ratelimit_decisions_total by rule and result, counted in plain integers.
+
+    Every request counts one decision per rule, so this is the hottest metric: a dict increment
+    on the event loop's thread costs a quarter of a prometheus Counter child's locked ``inc()``.
+    The registry reads the integers when it is scraped.
+    """
+
+    NAME: Final = "asgi_ratelimit_decisions"
+    DOC: Final = "Rate-limit decisions, by rule and result."
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def count(self, rule: str, result: Result) -> None:
+        """Count one decision of ``rule``."""
+        try:
+            self.counts[(rule, result)] += 1
+        except KeyError:  # the first decision of this rule and result
+            self.counts[(rule, result)] = 1
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.NAME, self.DOC, labels=["rule", "result"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.NAME, self.DOC, labels=["rule", "result"])
+        for (rule, result), value in list(self.counts.items()):
+            family.add_metric([rule, result], value)
+        return [family]
+
+
+class LatencyHistogram(Collector):
+    """asgi_ratelimit_backend_latency_seconds, a histogram kept in plain numbers for the same reason."""
+
+    NAME: Final = "asgi_ratelimit_backend_latency_seconds"
+    DOC: Final = "Time the backend took to decide a hit (a call abandoned at the timeout counts as the timeout)."
+
+    def __init__(self, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
+        self.bounds = tuple(buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        """Count one call that took ``seconds``."""
+        # bisect_left: a value equal to a bound belongs to that bound's bucket (le, "less or equal").
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.sum += seconds
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.NAME, self.DOC)]
+
+    def collect(self) -> Iterable[Metric]:
+        counts = list(self.counts)
+        cumulative = list(accumulate(counts))
+        # Bucket labels formatted as prometheus_client's own Histogram formats them ("0.0001", "1.0").
+        labels = [floatToGoString(bound) for bound in self.bounds]  # type: ignore[no-untyped-call]
+        buckets = [(label, total) for label, total in zip(labels, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        return [HistogramMetricFamily(self.NAME, self.DOC, buckets=buckets, sum_value=self.sum)]
+
+
 class LimiterMetrics:
-    """The four metric families of one registry, with cached labelled children."""
+    """The four metric families of one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.decisions = Counter(
-            "asgi_ratelimit_decisions",
-            "Rate-limit decisions, by rule and result.",
-            ["rule", "result"],
-            registry=registry,
-        )
-        self.backend_latency = Histogram(
-            "asgi_ratelimit_backend_latency_seconds",
-            "Time the backend took to decide a hit (a call abandoned at the timeout counts as the timeout).",
-            buckets=LATENCY_BUCKETS,
-            registry=registry,
-        )
+        self.decisions = DecisionCounts()
+        registry.register(self.decisions)
+        self.backend_latency = LatencyHistogram()
+        registry.register(self.backend_latency)
         self.backend_errors = Counter(
             "asgi_ratelimit_backend_errors",
             "Backend calls that failed, or were not made because the circuit breaker was open, by kind.",
@@ -82,23 +143,15 @@ class LimiterMetrics:
         )
         # Every kind is exported from the start, so rate() and absent() work before the first error.
         self.errors = {kind: self.backend_errors.labels(kind) for kind in ERROR_KINDS}
-        self._children: dict[tuple[str, str], Counter] = {}
-        self._lock = threading.Lock()
 
-    def decision(self, rule: str, result: Result) -> Counter:
-        """The counter child for ``rule`` and ``result`` (created on first use, then cached)."""
-        child = self._children.get((rule, result))
-        if child is None:
-            with self._lock:
-                child = self._children.get((rule, result))
-                if child is None:
-                    child = self._children[(rule, result)] = self.decisions.labels(rule, result)
-        return child
+    def count(self, rule: str, result: Result) -> None:
+        """Count one decision of ``rule``."""
+        self.decisions.count(rule, result)
 
     def add_rule(self, rule: str) -> None:
         """Export every result of ``rule`` at zero, so alerts on rate() see the series from the start."""
         for result in RESULTS:
-            self.decision(rule, result)
+            self.decisions.counts.setdefault((rule, result), 0)
 
 
 _BY_REGISTRY: weakref.WeakKeyDictionary[CollectorRegistry, LimiterMetrics] = weakref.WeakKeyDictionary()

@@ -7,7 +7,9 @@ import subprocess
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -15,7 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_ratelimit import BackendError, MemoryBackend, RateLimitMiddleware, Rule
-from asgi_ratelimit.metrics import ERROR_KINDS, metrics_for
+from asgi_ratelimit.metrics import ERROR_KINDS, LATENCY_BUCKETS, LatencyHistogram
 
 
 async def ok(request: Request) -> PlainTextResponse:
@@ -77,18 +79,35 @@ class TestDecisions:
         assert value(registry, "asgi_ratelimit_decisions_total", rule="a", result=result) == 1
         assert value(registry, "asgi_ratelimit_backend_errors_total", kind="other") == 1
 
-    async def test_the_hot_path_never_calls_labels(self, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def test_every_request_is_counted_once(self) -> None:
         registry = CollectorRegistry()
         app = make(registry, rules=[Rule("/a", "100/minute", key=by_user, name="a")])
-        await get(app, "/a", **{"x-user": "u"})  # the children are bound on first use
-        metrics = metrics_for(registry)
-        calls: list[object] = []
-        original = metrics.decisions.labels
-        monkeypatch.setattr(metrics.decisions, "labels", lambda *a, **k: calls.append(a) or original(*a, **k))
-        for _ in range(5):
+        for _ in range(6):
             await get(app, "/a", **{"x-user": "u"})
-        assert calls == []
         assert value(registry, "asgi_ratelimit_decisions_total", rule="a", result="allowed") == 6
+        assert value(registry, "asgi_ratelimit_backend_latency_seconds_count") == 6
+
+    @given(st.lists(st.floats(min_value=0, max_value=5, allow_nan=False) | st.sampled_from(LATENCY_BUCKETS)))
+    def test_the_latency_histogram_exports_what_prometheus_clients_own_would(self, seconds: list[float]) -> None:
+        ours, theirs = CollectorRegistry(), CollectorRegistry()
+        histogram = LatencyHistogram()
+        ours.register(histogram)
+        reference = Histogram(LatencyHistogram.NAME, LatencyHistogram.DOC, buckets=LATENCY_BUCKETS, registry=theirs)
+        for value_ in seconds:
+            histogram.observe(value_)
+            reference.observe(value_)
+
+        def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+            return {
+                (s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in registry.collect()
+                for s in family.samples
+                if not s.name.endswith("_created")
+            }
+
+        assert samples(ours).keys() == samples(theirs).keys()
+        for name, expected in samples(theirs).items():
+            assert samples(ours)[name] == pytest.approx(expected), name
 
     async def test_metrics_off(self) -> None:
         registry = CollectorRegistry()

@@ -181,7 +181,7 @@ class Limiter:
     async def decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
         if self._decide_now is not None:
-            return self._decided_in_process(hits)
+            return self.decide_in_process(hits)
         cache = self.deny_cache
         if cache is None:
             return await self._guarded(self.backend.hit_many, hits)
@@ -203,8 +203,13 @@ class Limiter:
         """Give a concurrency slot back; a failure only means the slot expires on its own later."""
         await self._guarded(self.backend.release, key, token)
 
-    def _decided_in_process(self, hits: Sequence[Hit]) -> list[Decision]:
-        """MemoryBackend decides synchronously: called directly, it costs no coroutine and cannot hang."""
+    @property
+    def in_process(self) -> bool:
+        """Whether decide_in_process() may be called: the backend is exactly a MemoryBackend."""
+        return self._decide_now is not None
+
+    def decide_in_process(self, hits: Sequence[Hit]) -> list[Decision]:
+        """decide() for MemoryBackend, which decides synchronously: no coroutine, and it cannot hang."""
         assert self._decide_now is not None
         probe = self._state is not CLOSED and self._admit()  # _admit raises _BreakerOpen unless this is the probe
         started = time.perf_counter()

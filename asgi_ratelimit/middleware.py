@@ -196,7 +196,12 @@ class RateLimitMiddleware:
             return
 
         try:
-            decisions = await self.limiter.decide(hits) if hits else []
+            if not hits:
+                decisions = []
+            elif self.limiter.in_process:
+                decisions = self.limiter.decide_in_process(hits)
+            else:
+                decisions = await self.limiter.decide(hits)
         except BackendError:
             self.limiter.count_failure(spans, fail_open)
             if fail_open:

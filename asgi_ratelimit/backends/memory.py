@@ -141,16 +141,19 @@ class MemoryBackend:
         """The synchronous core of hit_many: atomic because it never awaits."""
         check_hits(hits)
         now = self._clock()
+        if len(hits) == 1:  # the common case: one policy, nothing to combine
+            identity, policy, cost = hits[0]
+            allowed, retry, rem0, reset0, rem1, reset1, write = _ALGORITHMS[policy.code](
+                self, self._key(identity, policy), now, cost, policy
+            )
+            if write is not None:
+                write()
+                return decisions_from_flat(hits, (allowed, retry, rem1, reset1))
+            return decisions_from_flat(hits, (allowed, retry, rem0, reset0))
         verdicts: list[Verdict] = []
         all_allowed = True
-        keys = self._keys
         for identity, policy, cost in hits:
-            key = keys.get((identity, policy.key_suffix))
-            if key is None:
-                if len(keys) >= self.max_keys:
-                    keys.clear()
-                key = keys[(identity, policy.key_suffix)] = state_key(self.prefix, digest(identity), policy)
-            verdict = _ALGORITHMS[policy.code](self, key, now, cost, policy)
+            verdict = _ALGORITHMS[policy.code](self, self._key(identity, policy), now, cost, policy)
             verdicts.append(verdict)
             if not verdict[0]:
                 all_allowed = False
@@ -165,6 +168,15 @@ class MemoryBackend:
         return decisions_from_flat(hits, flat)
 
     # -- storage ---------------------------------------------------------------------
+
+    def _key(self, identity: str, policy: Policy) -> str:
+        """The state key of ``identity`` under ``policy``, as RedisBackend names it."""
+        key = self._keys.get((identity, policy.key_suffix))
+        if key is None:
+            if len(self._keys) >= self.max_keys:
+                self._keys.clear()
+            key = self._keys[(identity, policy.key_suffix)] = state_key(self.prefix, digest(identity), policy)
+        return key
 
     def _get(self, key: str, now: int) -> Any:
         entry = self._store.get(key)

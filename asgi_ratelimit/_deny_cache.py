@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .policies import Decision
+from .policies import Decision, new_decision
 
 __all__ = ["DenyCache"]
 
@@ -51,13 +51,13 @@ class DenyCache:
         self.hits += 1
         elapsed = now - sent_at
         return [
-            Decision(
-                allowed=d.allowed,
-                limit=d.limit,
-                remaining=d.remaining,
-                retry_after=d.retry_after if d.allowed else max(0.0, d.retry_after - elapsed),
-                reset_after=max(0.0, d.reset_after - elapsed),
-                policy=d.policy,
+            new_decision(
+                d.allowed,
+                d.limit,
+                d.remaining,
+                d.retry_after if d.allowed else max(0.0, d.retry_after - elapsed),
+                max(0.0, d.reset_after - elapsed),
+                d.policy,
             )
             for d in decisions
         ]

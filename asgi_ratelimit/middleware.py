@@ -133,6 +133,7 @@ class RateLimitMiddleware:
             self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
         self._routes_loaded = False
         self._releasing: set[asyncio.Task[None]] = set()  # slot releases under way (kept from the GC)
+        self._deny_bodies: dict[tuple[tuple[str, ...], int, bool], bytes] = {}  # 429 bodies already built
 
     def _add_rule(self, rule: Rule) -> None:
         if any(existing.name == rule.name for existing in self.rules):
@@ -316,23 +317,36 @@ class RateLimitMiddleware:
                 response = await response
             await response(scope, receive, _with_headers(send, headers))
             return
-        violated = [name for name, d in zip(item_names, decisions, strict=True) if not d.allowed]
-        wait = max(retry_after_seconds(d) for d in decisions if not d.allowed)
-        never = any(d.never for d in decisions if not d.allowed)
-        detail = (
-            "This request costs more than the limit allows; it can never be accepted."
-            if never
-            else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
-        )
-        problem = {
-            "type": "about:blank",
-            "title": "Too Many Requests",
-            "status": 429,
-            "detail": detail,
-            "retry_after": wait,
-            "policies": [json.loads(name) for name in violated],
-        }
-        await _respond(scope, receive, send, 429, problem, headers)
+        violated: list[str] = []
+        wait = 0
+        never = False
+        for name, decision in zip(item_names, decisions, strict=True):
+            if not decision.allowed:
+                violated.append(name)
+                wait = max(wait, retry_after_seconds(decision))
+                never = never or decision.never
+        # A flood repeats the same few bodies: build each once (bounded, as rules and waits are few).
+        body_key = (tuple(violated), wait, never)
+        body = self._deny_bodies.get(body_key)
+        if body is None:
+            detail = (
+                "This request costs more than the limit allows; it can never be accepted."
+                if never
+                else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
+            )
+            problem = {
+                "type": "about:blank",
+                "title": "Too Many Requests",
+                "status": 429,
+                "detail": detail,
+                "retry_after": wait,
+                "policies": [json.loads(name) for name in violated],
+            }
+            body = _problem_body(problem)
+            if len(self._deny_bodies) >= 1024:
+                self._deny_bodies.clear()
+            self._deny_bodies[body_key] = body
+        await _respond(scope, receive, send, 429, body, "Too Many Requests", headers)
 
     async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = {
@@ -342,7 +356,8 @@ class RateLimitMiddleware:
             "detail": "The rate limiter cannot reach its backend, and this route is configured to fail closed.",
             "retry_after": 1,
         }
-        await _respond(scope, receive, send, 503, problem, [(b"retry-after", b"1")])
+        body = _problem_body(problem)
+        await _respond(scope, receive, send, 503, body, "Service Unavailable", [(b"retry-after", b"1")])
 
     # -- routes marked with @rate_limit ------------------------------------------------
 
@@ -422,11 +437,14 @@ def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
     return send_with_headers
 
 
+def _problem_body(problem: dict[str, Any]) -> bytes:
+    return json.dumps(problem, separators=(",", ":")).encode()
+
+
 async def _respond(
-    scope: Scope, receive: Receive, send: Send, status: int, problem: dict[str, Any], headers: list[tuple[bytes, bytes]]
+    scope: Scope, receive: Receive, send: Send, status: int, body: bytes, title: str, headers: list[tuple[bytes, bytes]]
 ) -> None:
     """Answer with a problem+json body: as HTTP, or on a websocket handshake as a denial response or close 1008."""
-    body = json.dumps(problem, separators=(",", ":")).encode()
     all_headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),
@@ -445,4 +463,4 @@ async def _respond(
         await send({"type": "websocket.http.response.start", "status": status, "headers": all_headers})
         await send({"type": "websocket.http.response.body", "body": body})
     else:
-        await send({"type": "websocket.close", "code": 1008, "reason": problem["title"]})
+        await send({"type": "websocket.close", "code": 1008, "reason": title})

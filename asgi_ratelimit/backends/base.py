@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
 from ..errors import ConfigurationError
-from ..policies import MICROS, Concurrency, Decision, Policy
+from ..policies import MICROS, Concurrency, Decision, Policy, new_decision
 
 __all__ = ["Backend", "Hit", "Slot", "check_hits", "decisions_from_flat", "new_token"]
 
@@ -88,24 +88,13 @@ def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decisi
     for (_, policy, _), allowed, retry_us, remaining, reset_us in zip(
         hits, values, values, values, values, strict=True
     ):
-        decision = _new_decision(Decision)
-        # Every field at once: a frozen dataclass's __init__ sets them one by one through
-        # object.__setattr__, which doubles the cost of a decision on the middleware's hot path.
-        _set_field(
-            decision,
-            "__dict__",
-            {
-                "allowed": allowed == 1,
-                "limit": policy.quota,
-                "remaining": int(remaining) if remaining > 0 else 0,
-                "retry_after": math.inf if retry_us < 0 else retry_us / MICROS,
-                "reset_after": reset_us / MICROS if reset_us > 0 else 0.0,
-                "policy": policy,
-            },
+        decision = new_decision(
+            allowed == 1,
+            policy.quota,
+            int(remaining) if remaining > 0 else 0,
+            math.inf if retry_us < 0 else retry_us / MICROS,
+            reset_us / MICROS if reset_us > 0 else 0.0,
+            policy,
         )
         decisions.append(decision)
     return decisions
-
-
-_new_decision = object.__new__
-_set_field = object.__setattr__

@@ -139,6 +139,10 @@ class Limiter:
         self.metrics: LimiterMetrics | None = None if registry is None else metrics_for(registry)
         # The in-memory backend never waits on I/O: no task, no timer, nothing to cache.
         self._in_process = isinstance(backend, MemoryBackend)
+        # A backend that hands back a future of its reply is waited on without a task of its own.
+        self._submit: Callable[[Sequence[Hit]], asyncio.Future[list[Decision]] | None] | None = getattr(
+            backend, "submit_many", None
+        )
         # Exactly a MemoryBackend (a subclass may override hit_many): its synchronous core is called directly.
         self._decide_now: Callable[[Sequence[Hit]], list[Decision]] | None = (
             backend.decide if type(backend) is MemoryBackend else None
@@ -184,13 +188,13 @@ class Limiter:
             return self.decide_in_process(hits)
         cache = self.deny_cache
         if cache is None:
-            return await self._guarded(self.backend.hit_many, hits)
+            return await self._decided_remotely(hits)
         signature = tuple(hits)
         cached = cache.get(signature)
         if cached is not None:
             return cached
         sent_at = self._clock()
-        decisions = await self._guarded(self.backend.hit_many, hits)
+        decisions = await self._decided_remotely(hits)
         if not all(decision.allowed for decision in decisions):
             cache.put(signature, decisions, sent_at)
         return decisions
@@ -222,6 +226,41 @@ class Limiter:
             raise error from exc
         self._settle_success(probe, started)
         return result
+
+    async def _decided_remotely(self, hits: Sequence[Hit]) -> list[Decision]:
+        """decide() on a backend that can hand back a future (RedisBackend.submit_many): no task per call.
+
+        The request waits on the future itself, with a timer that fails it at the budget; the round
+        trip, which is the backend's, carries on or is skipped.  Probes (the breaker not closed), and
+        backends or moments without submit_many, go through _guarded() and its task instead.
+        """
+        submit = self._submit
+        if submit is None or self._state is not CLOSED:
+            return await self._guarded(self.backend.hit_many, hits)
+        started = time.perf_counter()
+        try:
+            future = submit(hits)
+            if future is not None:
+                if not future.done():
+                    timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, future)
+                    try:
+                        await future
+                    finally:
+                        timer.cancel()
+                result = future.result()
+        except Exception as exc:
+            error = self._settle_failure(exc, False, started)
+            if error is exc:
+                raise
+            raise error from exc
+        if future is None:
+            return await self._guarded(self.backend.hit_many, hits)
+        self._settle_success(False, started)
+        return result
+
+    def _expire(self, future: asyncio.Future[list[Decision]]) -> None:
+        if not future.done():
+            future.set_exception(_Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms"))
 
     async def _guarded(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
         """Call a backend method within the time budget, through the breaker, counting the outcome."""

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis as sync_redis
+from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 
 from asgi_ratelimit import GCRA, BackendError, RedisBackend, SlidingWindow, TokenBucket
+from asgi_ratelimit._keys import digest, state_key
 from asgi_ratelimit.backends._coalesce import ScriptCaller
 from asgi_ratelimit.backends.redis import HIT_SCRIPT
+from asgi_ratelimit.limiter import Limiter, error_kind
 
 pytestmark = pytest.mark.redis
 
@@ -134,3 +140,92 @@ async def test_pipeline_entries_that_met_noscript_are_sent_again_in_order() -> N
     assert results[0] == [1]  # the direct call
     assert results[1:] == [[0], [1], [2], [3]]  # the queued four, retried after SCRIPT LOAD, in order
     assert client.pipelines == 2
+
+
+# -- calls with a time budget: submit() ----------------------------------------------------------
+
+
+async def test_a_submitted_call_given_up_before_its_turn_is_never_sent(redis_url: str, key_prefix: str) -> None:
+    client = Redis.from_url(redis_url)
+    caller = ScriptCaller(client, HIT_SCRIPT)
+    policy = GCRA(1000, 1)
+
+    def args(name: str) -> list[Any]:
+        return [f"{key_prefix}{name}", "", policy.code, 1, *policy.params]
+
+    try:
+        await caller(1, *args("warm"))  # loads the script
+        first = caller.submit(1, *args("first"))  # goes out at once
+        queued = {name: caller.submit(1, *args(name)) for name in ("a", "b", "c", "d")}
+        queued["b"].cancel()  # its request went away
+        queued["c"].set_exception(BackendError("budget spent"))  # the limiter's timer
+        queued["c"].exception()
+        await first
+        assert (await queued["a"])[0] == 1 and (await queued["d"])[0] == 1
+        written = {key.decode().removeprefix(key_prefix) for key in await client.keys(f"{key_prefix}*")}
+        assert written == {"warm", "first", "a", "d"}
+        assert caller.round_trips == 3  # warm-up, first, then one pipeline of the two still wanted
+    finally:
+        await client.aclose()
+
+
+async def test_submit_hands_back_decisions_and_the_limiter_waits_on_them_without_a_task_each(
+    redis_url: str, key_prefix: str
+) -> None:
+    backend = RedisBackend(Redis.from_url(redis_url), prefix=key_prefix)
+    limiter = Limiter(backend, timeout=2.0, registry=CollectorRegistry(), deny_cache=False)
+    policy = SlidingWindow(30, 60)
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        created.append(coro.__qualname__)
+        if default_factory is not None:
+            return default_factory(loop, coro, **kwargs)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    try:
+        await limiter.decide([("warm", policy, 1)])  # initialises the client and loads the script
+        trips_before = backend.round_trips
+        requests = [asyncio.ensure_future(limiter.decide([("one-key", policy, 1)])) for _ in range(50)]
+        loop.set_task_factory(counting_factory)
+        decisions = await asyncio.gather(*requests)
+    finally:
+        loop.set_task_factory(default_factory)
+        await backend.aclose()
+    assert sum(d[0].allowed for d in decisions) == 30
+    assert all(d[0].limit == 30 for d in decisions)
+    # No task per decision: ours are the backend's round trips (redis-py adds a few of its own for its I/O).
+    ours = [name for name in created if not name.startswith(("AbstractConnection.", "ConnectionPool."))]
+    assert ours == ["ScriptCaller._flush"] * (backend.round_trips - trips_before), created
+    assert len(created) < 50 / 4, created
+
+
+async def test_a_submitted_call_past_its_budget_fails_the_request_not_the_round_trip(
+    redis_server_factory: Callable[..., Any], key_prefix: str
+) -> None:
+    server = redis_server_factory()
+    backend = RedisBackend.from_url(server.url, prefix=key_prefix)
+    limiter = Limiter(backend, timeout=0.05, deny_cache=False)
+    policy = GCRA(10, 1)
+    admin = sync_redis.Redis.from_url(server.url)
+    try:
+        await limiter.decide([("warm", policy, 1)])
+        os.kill(server.process.pid, signal.SIGSTOP)  # Redis cannot answer: the budget runs out
+        try:
+            with pytest.raises(BackendError) as caught:
+                await limiter.decide([("late", policy, 1)])
+            assert error_kind(caught.value) == "timeout"
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        # Abandoned, not cancelled: the round trip still reaches Redis, which decides it once thawed.
+        key = state_key(key_prefix, digest("late"), policy)
+        deadline = time.monotonic() + 5
+        while not admin.exists(key) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert admin.exists(key)
+        assert (await limiter.decide([("again", policy, 1)]))[0].allowed
+    finally:
+        admin.close()
+        await backend.aclose()

@@ -13,7 +13,7 @@ NOSCRIPT are sent again after the script is loaded.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from hashlib import sha1
 from typing import Any
 
@@ -25,6 +25,9 @@ __all__ = ["ScriptCaller"]
 MAX_BATCH = 256
 
 Args = Sequence[Any]
+Transform = Callable[[Any], Any]
+# One call waiting its turn: its arguments, its future, and what turns its reply into the future's result.
+Queued = tuple[Args, "asyncio.Future[Any]", Transform | None]
 
 
 class ScriptCaller:
@@ -40,17 +43,35 @@ class ScriptCaller:
         self.sha = sha1(source.encode("utf-8")).hexdigest()
         self.coalesce = coalesce
         self.max_in_flight = max_in_flight
-        self._queue: list[tuple[Args, asyncio.Future[Any]]] = []
+        self._queue: list[Queued] = []
         self._in_flight = 0
         self._flushes: set[asyncio.Task[None]] = set()  # kept from the garbage collector while they run
         self.round_trips = 0  # observable by tests and benchmarks
+
+    def submit(self, numkeys: int, *args: Any, transform: Transform | None = None) -> asyncio.Future[Any]:
+        """Start a call and return the future of its reply (passed through ``transform``), for a caller
+        with a time budget.
+
+        The round trip runs in a task of this caller's, never in the caller's own: a caller may
+        stop waiting at its budget, or be cancelled, without cancelling any I/O (correctness rule
+        22).  A call whose future is done (abandoned) before its turn comes is never sent.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        call_args: Args = (numkeys, *args)
+        if self.coalesce and self._in_flight >= self.max_in_flight:
+            self._queue.append((call_args, future, transform))
+            return future
+        self._in_flight += 1
+        self._start_flush([(call_args, future, transform)])
+        return future
 
     async def __call__(self, numkeys: int, *args: Any) -> Any:
         """Run the script with ``numkeys`` keys followed by the arguments; return its reply."""
         call_args: Args = (numkeys, *args)
         if self.coalesce and self._in_flight >= self.max_in_flight:
             future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._queue.append((call_args, future))
+            self._queue.append((call_args, future, None))
             return await future
         self._in_flight += 1
         try:
@@ -79,21 +100,27 @@ class ScriptCaller:
         while self._queue and self._in_flight < self.max_in_flight:
             batch = self._queue[:MAX_BATCH]
             del self._queue[:MAX_BATCH]
-            self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(self._flush(batch))
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
+            # Calls given up while they queued (their budget spent, their request gone) are not sent.
+            batch = [call for call in batch if not call[1].done()]
+            if batch:
+                self._in_flight += 1
+                self._start_flush(batch)
 
-    async def _flush(self, batch: list[tuple[Args, asyncio.Future[Any]]]) -> None:
+    def _start_flush(self, batch: list[Queued]) -> None:
+        task = asyncio.get_running_loop().create_task(self._flush(batch))
+        self._flushes.add(task)
+        task.add_done_callback(self._flushes.discard)
+
+    async def _flush(self, batch: list[Queued]) -> None:
         try:
             await self._send_batch(batch)
         finally:
             self._in_flight -= 1
             self._send_queued()
 
-    async def _send_batch(self, batch: list[tuple[Args, asyncio.Future[Any]]]) -> None:
+    async def _send_batch(self, batch: list[Queued]) -> None:
         if len(batch) == 1:
-            call_args, future = batch[0]
+            call_args, future, transform = batch[0]
             try:
                 result = await self._run_one(call_args)
             except BaseException as exc:  # delivered to the caller, whatever it is
@@ -101,10 +128,10 @@ class ScriptCaller:
                 if not isinstance(exc, Exception):
                     raise
             else:
-                _succeed(future, result)
+                _succeed(future, result, transform)
             return
         try:
-            results = await self._pipeline([call_args for call_args, _ in batch])
+            results = await self._pipeline([call_args for call_args, _, _ in batch])
             retry = [i for i, result in enumerate(results) if isinstance(result, redis_errors.NoScriptError)]
             if retry:
                 await self._load()
@@ -112,14 +139,14 @@ class ScriptCaller:
                 for i, result in zip(retry, again, strict=True):
                     results[i] = result
         except Exception as exc:
-            for _, future in batch:
+            for _, future, _ in batch:
                 _fail(future, exc)
             return
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, transform), result in zip(batch, results, strict=True):
             if isinstance(result, Exception):
                 _fail(future, result)
             else:
-                _succeed(future, result)
+                _succeed(future, result, transform)
 
     async def _pipeline(self, calls: list[Args]) -> list[Any]:
         self.round_trips += 1
@@ -129,9 +156,18 @@ class ScriptCaller:
         return list(await pipe.execute(raise_on_error=False))
 
 
-def _succeed(future: asyncio.Future[Any], result: Any) -> None:
-    if not future.done():  # the caller may have given up (timeout, disconnect)
+def _succeed(future: asyncio.Future[Any], result: Any, transform: Transform | None = None) -> None:
+    if future.done():  # the caller has given up (its budget, a disconnect)
+        return
+    if transform is None:
         future.set_result(result)
+        return
+    try:
+        value = transform(result)
+    except Exception as exc:  # a reply the transform cannot read goes to the caller as its error
+        _fail(future, exc)
+    else:
+        future.set_result(value)
 
 
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from functools import partial
 from importlib.resources import files
 from typing import Any, Literal
 
@@ -164,6 +165,21 @@ class RedisBackend:
             return await self._hit_across_slots(hits)
         async with self._in_flight:
             return await self._decide(hits)
+
+    def submit_many(self, hits: Sequence[Hit]) -> asyncio.Future[list[Decision]] | None:
+        """Start deciding ``hits`` for a caller with a time budget (the Limiter), without awaiting.
+
+        Returns the future of the Decisions (it fails with redis-py's own errors), or None when this
+        call must go through ``hit_many`` instead: before the first initialisation, on a cluster, or
+        with nothing to decide.
+        The caller may stop waiting on the future at any moment: the round trip is not its own.
+        """
+        if not self._initialised or self._in_flight is not None:
+            return None
+        check_hits(hits)
+        if not hits:
+            return None
+        return self._call.submit(len(hits), *self._script_args(hits), transform=partial(decisions_from_flat, hits))
 
     async def _decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """One script call for hits whose keys share a slot (always so on a single Redis)."""

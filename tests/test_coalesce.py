@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 import redis as sync_redis
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -56,13 +58,14 @@ async def test_coalescing_can_be_switched_off(redis_url: str, key_prefix: str) -
         await backend.aclose()
 
 
+@pytest.mark.parametrize("wire", [False, True], ids=["redis-py", "wire"])
 async def test_noscript_inside_a_pipeline_is_recovered(
-    redis_server_factory: Callable[..., Any], key_prefix: str
+    redis_server_factory: Callable[..., Any], key_prefix: str, wire: bool
 ) -> None:
     server = redis_server_factory()
     admin = sync_redis.Redis.from_url(server.url)
     client = Redis.from_url(server.url)
-    caller = ScriptCaller(client, HIT_SCRIPT)
+    caller = ScriptCaller(client, HIT_SCRIPT, wire=wire)
     policy = GCRA(1000, 1)
     try:
         await caller(1, f"{key_prefix}warm", "", policy.code, 1, *policy.params)  # loads the script
@@ -95,6 +98,57 @@ async def test_a_failed_pipeline_fails_every_queued_call(redis_server_factory: C
             *(backend.hit(f"k{i}", [GCRA(10, 1)]) for i in range(10)), return_exceptions=True
         )
         assert all(isinstance(outcome, BackendError) for outcome in outcomes)
+    finally:
+        await backend.aclose()
+
+
+# -- calls written on the wire (one Redis, not a cluster) ----------------------------------------
+
+_ARGUMENTS = st.one_of(
+    st.binary(max_size=40),
+    st.text(max_size=20),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@given(calls=st.lists(st.lists(_ARGUMENTS, max_size=6).map(lambda args: [len(args), *args]), min_size=1, max_size=4))
+def test_the_wire_bytes_are_the_ones_redis_py_would_send(calls: list[list[Any]]) -> None:
+    caller = ScriptCaller(None, "return 1", wire=True)
+    connection = Redis().connection_pool.make_connection()
+    expected = b"".join(connection.pack_commands([("EVALSHA", caller.sha, *call) for call in calls]))
+    assert caller._pack(calls) == expected
+
+
+async def test_on_the_wire_one_calls_error_leaves_the_others_standing(redis_url: str, key_prefix: str) -> None:
+    client = Redis.from_url(redis_url)
+    # A script of this test's own (the prefix is unique), so that the shared Redis cannot know it yet.
+    source = f"-- {key_prefix}\nif ARGV[1] == 'fail' then return redis.error_reply('no') end return ARGV[1]"
+    caller = ScriptCaller(client, source, wire=True)
+    try:
+        replies = await caller._exchange([(0, b"a"), (0, b"c")])
+        assert all(isinstance(reply, redis_errors.NoScriptError) for reply in replies)  # not loaded yet
+        await caller._load()
+        replies = await caller._exchange([(0, b"a"), (0, b"fail"), (0, b"c")])
+        assert replies[0] == b"a" and replies[2] == b"c"
+        assert isinstance(replies[1], redis_errors.ResponseError) and "no" in str(replies[1])
+        # The connection went back to the pool in step with the server: the next call reads its own reply.
+        assert await caller(0, b"again") == b"again"
+        with pytest.raises(redis_errors.ResponseError):
+            await caller(0, b"fail")
+    finally:
+        await client.aclose()
+
+
+async def test_on_the_wire_a_stale_connection_after_a_restart_is_retried(
+    redis_server_factory: Callable[..., Any], key_prefix: str
+) -> None:
+    server = redis_server_factory()
+    backend = RedisBackend.from_url(server.url, prefix=key_prefix)
+    try:
+        assert (await backend.hit("k", [GCRA(10, 1)]))[0].allowed
+        server.restart()  # the pooled connection is dead, and the script gone
+        assert (await backend.hit("k", [GCRA(10, 1)]))[0].allowed
     finally:
         await backend.aclose()
 
@@ -145,9 +199,12 @@ async def test_pipeline_entries_that_met_noscript_are_sent_again_in_order() -> N
 # -- calls with a time budget: submit() ----------------------------------------------------------
 
 
-async def test_a_submitted_call_given_up_before_its_turn_is_never_sent(redis_url: str, key_prefix: str) -> None:
+@pytest.mark.parametrize("wire", [False, True], ids=["redis-py", "wire"])
+async def test_a_submitted_call_given_up_before_its_turn_is_never_sent(
+    redis_url: str, key_prefix: str, wire: bool
+) -> None:
     client = Redis.from_url(redis_url)
-    caller = ScriptCaller(client, HIT_SCRIPT)
+    caller = ScriptCaller(client, HIT_SCRIPT, wire=wire)
     policy = GCRA(1000, 1)
 
     def args(name: str) -> list[Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from hashlib import sha1
-from typing import Any
+from typing import Any, cast
 
 from redis import exceptions as redis_errors
 
@@ -37,10 +37,17 @@ class ScriptCaller:
     together as soon as one returns.
     """
 
-    def __init__(self, client: Any, source: str, *, coalesce: bool = True, max_in_flight: int = 1) -> None:
+    def __init__(
+        self, client: Any, source: str, *, coalesce: bool = True, max_in_flight: int = 1, wire: bool = False
+    ) -> None:
         self.client = client
         self.source = source
         self.sha = sha1(source.encode("utf-8")).hexdigest()
+        # On one Redis (not a cluster, which routes each command itself), calls go out as RESP written
+        # here on a pooled connection: redis-py's generic command and pipeline machinery cost more
+        # than the script run itself.
+        self.wire = wire
+        self._command_head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
         self.coalesce = coalesce
         self.max_in_flight = max_in_flight
         self._queue: list[Queued] = []
@@ -82,11 +89,65 @@ class ScriptCaller:
 
     async def _run_one(self, call_args: Args) -> Any:
         self.round_trips += 1
+        if self.wire:
+            [result] = await self._exchange([call_args])
+            if isinstance(result, redis_errors.NoScriptError):
+                await self._load()
+                [result] = await self._exchange([call_args])
+            if isinstance(result, Exception):
+                raise result
+            return result
         try:
             return await self.client.execute_command("EVALSHA", self.sha, *call_args)
         except redis_errors.NoScriptError:
             await self._load()
             return await self.client.execute_command("EVALSHA", self.sha, *call_args)
+
+    async def _exchange(self, calls: list[Args]) -> list[Any]:
+        """Write ``calls`` as one buffer on a pooled connection and read one reply each (errors as values).
+
+        A connection error is retried as the client's own Retry says (a stale pooled connection after
+        a restart is retried once by RedisBackend.from_url's default), as redis-py does for its pipelines.
+        """
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()
+        try:
+            return cast(
+                list[Any],
+                await connection.retry.call_with_retry(
+                    lambda: self._send_and_read(connection, calls),
+                    lambda error: connection.disconnect(nowait=True),
+                ),
+            )
+        except BaseException:
+            # A failure (or a cancellation) between the write and the last reply leaves replies
+            # unread on the socket: the connection must not go back to the pool as it is.
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(connection)
+
+    async def _send_and_read(self, connection: Any, calls: list[Args]) -> list[Any]:
+        await connection.send_packed_command(self._pack(calls), check_health=False)
+        replies: list[Any] = []
+        for _ in calls:
+            try:
+                replies.append(await connection.read_response())
+            except redis_errors.ResponseError as exc:  # this call's error; the others still stand
+                replies.append(exc)
+        return replies
+
+    def _pack(self, calls: list[Args]) -> bytes:
+        """RESP arrays for EVALSHA <sha> <arguments> per call, in one buffer."""
+        head = self._command_head
+        parts: list[bytes] = []
+        for call_args in calls:
+            parts.append(b"*%d\r\n" % (len(call_args) + 2))
+            parts.append(head)
+            for value in call_args:
+                data = _encode(value)
+                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        return b"".join(parts)
 
     async def _load(self) -> None:
         loaded = await self.client.script_load(self.source)
@@ -150,10 +211,25 @@ class ScriptCaller:
 
     async def _pipeline(self, calls: list[Args]) -> list[Any]:
         self.round_trips += 1
+        if self.wire:
+            return await self._exchange(calls)
         pipe = self.client.pipeline(transaction=False)
         for call_args in calls:
             pipe.execute_command("EVALSHA", self.sha, *call_args)
         return list(await pipe.execute(raise_on_error=False))
+
+
+def _encode(value: Any) -> bytes:
+    """One argument as Redis receives it (the same bytes redis-py's encoder sends)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return b"%d" % value
+    if isinstance(value, float):
+        return repr(value).encode()
+    raise TypeError(f"a script argument must be bytes, str, int or float, got {value!r}")
 
 
 def _succeed(future: asyncio.Future[Any], result: Any, transform: Transform | None = None) -> None:

@@ -71,8 +71,9 @@ class RedisBackend:
         self.client = client
         self.prefix = prefix
         self.cluster = _is_cluster(client)
-        self._call = ScriptCaller(client, HIT_SCRIPT, coalesce=coalesce and not self.cluster)
-        self._acquire = ScriptCaller(client, ACQUIRE_SCRIPT, coalesce=coalesce and not self.cluster)
+        wire = not self.cluster and hasattr(client, "connection_pool")
+        self._call = ScriptCaller(client, HIT_SCRIPT, coalesce=coalesce and not self.cluster, wire=wire)
+        self._acquire = ScriptCaller(client, ACQUIRE_SCRIPT, coalesce=coalesce and not self.cluster, wire=wire)
         # Set once the client is initialised and the script loaded (correctness rule 23).
         self._initialised = False
         self._initialising: asyncio.Task[None] | None = None

@@ -205,7 +205,7 @@ async def test_a_submitted_call_given_up_before_its_turn_is_never_sent(
 ) -> None:
     client = Redis.from_url(redis_url)
     caller = ScriptCaller(client, HIT_SCRIPT, wire=wire)
-    policy = GCRA(1000, 1)
+    policy = GCRA(10, 60)  # keys that live for seconds, so the test can look for them
 
     def args(name: str) -> list[Any]:
         return [f"{key_prefix}{name}", "", policy.code, 1, *policy.params]
@@ -285,4 +285,30 @@ async def test_a_submitted_call_past_its_budget_fails_the_request_not_the_round_
         assert (await limiter.decide([("again", policy, 1)]))[0].allowed
     finally:
         admin.close()
+        await backend.aclose()
+
+
+async def test_coalesced_calls_on_one_redis_hold_one_connection_instead_of_taking_one_each(
+    redis_url: str, key_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = RedisBackend.from_url(redis_url, prefix=key_prefix)
+    pool = backend.client.connection_pool
+    taken: list[object] = []
+    original = pool.get_connection
+
+    async def counting_get_connection(*args: Any, **kwargs: Any) -> Any:
+        connection = await original(*args, **kwargs)
+        taken.append(connection)
+        return connection
+
+    monkeypatch.setattr(pool, "get_connection", counting_get_connection)
+    try:
+        await backend.hit("warm", [GCRA(10, 60)])  # loads the script, takes the connection
+        taken.clear()
+        for _ in range(3):
+            await asyncio.gather(*(backend.hit(f"k{i}", [GCRA(10, 60)]) for i in range(50)))
+        for i in range(20):
+            await backend.hit(f"k{i}", [GCRA(10, 60)])
+        assert taken == []
+    finally:
         await backend.aclose()

@@ -18,6 +18,7 @@ from hashlib import sha1
 from typing import Any, cast
 
 from redis import exceptions as redis_errors
+from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
 
 __all__ = ["ScriptCaller"]
 
@@ -48,6 +49,15 @@ class ScriptCaller:
         # than the script run itself.
         self.wire = wire
         self._command_head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
+        # Coalescing with one round trip at a time needs one connection, held for good: taking one
+        # from redis-py's pool and giving it back costs a lock, a readiness check and its metrics
+        # bookkeeping on every call.  Only from redis-py's plain pools: a Sentinel pool moves its
+        # connections to a new primary after a failover, which a connection held here would miss.
+        pool = getattr(client, "connection_pool", None)
+        self._dedicated = (
+            wire and coalesce and max_in_flight == 1 and type(pool) in (ConnectionPool, BlockingConnectionPool)
+        )
+        self._connection: Any = None  # that connection, once taken from the pool
         self.coalesce = coalesce
         self.max_in_flight = max_in_flight
         self._queue: list[Queued] = []
@@ -110,7 +120,13 @@ class ScriptCaller:
         a restart is retried once by RedisBackend.from_url's default), as redis-py does for its pipelines.
         """
         pool = self.client.connection_pool
-        connection = await pool.get_connection()
+        dedicated = self._dedicated
+        if dedicated:
+            if self._connection is None:
+                self._connection = await pool.get_connection()
+            connection = self._connection
+        else:
+            connection = await pool.get_connection()
         try:
             return cast(
                 list[Any],
@@ -125,7 +141,8 @@ class ScriptCaller:
             await connection.disconnect(nowait=True)
             raise
         finally:
-            await pool.release(connection)
+            if not dedicated:
+                await pool.release(connection)
 
     async def _send_and_read(self, connection: Any, calls: list[Args]) -> list[Any]:
         await connection.send_packed_command(self._pack(calls), check_health=False)

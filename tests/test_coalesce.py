@@ -69,20 +69,22 @@ async def test_noscript_inside_a_pipeline_is_recovered(
     policy = GCRA(1000, 1)
     try:
         await caller(1, f"{key_prefix}warm", "", policy.code, 1, *policy.params)  # loads the script
-        # Hold the caller busy with a slow first call so the next ones queue, then flush the
-        # scripts before the queue leaves: the pipeline meets NOSCRIPT on every entry.
-        first = asyncio.ensure_future(caller(1, f"{key_prefix}first", "", policy.code, 1, *policy.params))
-        await asyncio.sleep(0)
+        # Hold the caller's one round trip as if a call were in flight, so the next calls queue; flush
+        # the scripts; then let the queue leave: the pipeline meets NOSCRIPT on every entry.
+        caller._in_flight += 1
         queued = [
             asyncio.ensure_future(caller(1, f"{key_prefix}q{i}", "", policy.code, 1, *policy.params)) for i in range(10)
         ]
-        await first
+        await asyncio.sleep(0)
+        assert len(caller._queue) == 10
         admin.script_flush()
+        caller._in_flight -= 1
+        caller._send_queued()
         results = await asyncio.gather(*queued)
         assert [r[0] for r in results] == [1] * 10
         assert admin.script_exists(caller.sha) == [True]
-        # warm-up, the first call, then one pipeline met NOSCRIPT and one more carried the retry.
-        assert caller.round_trips == 4
+        # warm-up, then one pipeline met NOSCRIPT and one more carried the retry.
+        assert caller.round_trips == 3
     finally:
         admin.close()
         await client.aclose()
@@ -312,3 +314,25 @@ async def test_coalesced_calls_on_one_redis_hold_one_connection_instead_of_takin
         assert taken == []
     finally:
         await backend.aclose()
+
+
+async def test_on_the_wire_a_write_the_socket_cannot_take_times_out_and_drops_the_connection(
+    redis_server_factory: Callable[..., Any],
+) -> None:
+    server = redis_server_factory()
+    client = Redis.from_url(server.url, socket_timeout=0.5)
+    caller = ScriptCaller(client, "return #ARGV[1]", wire=True)
+    try:
+        assert await caller(0, b"x") == 1  # loads the script, connects
+        os.kill(server.process.pid, signal.SIGSTOP)  # Redis reads nothing: the socket's buffers fill up
+        try:
+            started = time.monotonic()
+            with pytest.raises(redis_errors.TimeoutError):
+                await caller(0, b"x" * (64 << 20))
+            assert time.monotonic() - started < 5
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        # The half-written command went with its connection: the next call starts clean.
+        assert await caller(0, b"abc") == 3
+    finally:
+        await client.aclose()

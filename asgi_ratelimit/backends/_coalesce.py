@@ -145,7 +145,22 @@ class ScriptCaller:
                 await pool.release(connection)
 
     async def _send_and_read(self, connection: Any, calls: list[Args]) -> list[Any]:
-        await connection.send_packed_command(self._pack(calls), check_health=False)
+        data = self._pack(calls)
+        writer = getattr(connection, "_writer", None)  # redis-py's stream writer, once connected
+        if isinstance(writer, asyncio.StreamWriter) and connection.is_connected and not writer.transport.is_closing():
+            # The common case is one buffered write. redis-py's send_packed_command times even that
+            # out through asyncio.wait_for, which costs a task per call: only a write the socket
+            # could not take at once goes through it, to drain within the socket timeout.
+            writer.write(data)
+            if writer.transport.get_write_buffer_size():
+                try:
+                    await connection.send_packed_command(b"", check_health=False)
+                except BaseException:
+                    # Drop what the socket never took: a closing transport would still deliver it.
+                    writer.transport.abort()
+                    raise
+        else:
+            await connection.send_packed_command(data, check_health=False)  # connects first
         replies: list[Any] = []
         for _ in calls:
             try:

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Final, Literal, TypeVar
+from typing import Any, Final, Literal, NoReturn, TypeVar
 
 from prometheus_client import CollectorRegistry
 from redis import exceptions as redis_errors
@@ -220,10 +220,7 @@ class Limiter:
         try:
             result = self._decide_now(hits)
         except Exception as exc:
-            error = self._settle_failure(exc, probe, started)
-            if error is exc:
-                raise
-            raise error from exc
+            self._raise_failure(exc, probe, started)
         self._settle_success(probe, started)
         return result
 
@@ -249,10 +246,7 @@ class Limiter:
                         timer.cancel()
                 result = future.result()
         except Exception as exc:
-            error = self._settle_failure(exc, False, started)
-            if error is exc:
-                raise
-            raise error from exc
+            self._raise_failure(exc, False, started)
         if future is None:
             return await self._guarded(self.backend.hit_many, hits)
         self._settle_success(False, started)
@@ -279,18 +273,18 @@ class Limiter:
                 self._set_state(OPEN)
             raise
         except Exception as exc:
-            error = self._settle_failure(exc, probe, started)
-            if error is exc:
-                raise
-            raise error from exc
+            self._raise_failure(exc, probe, started)
         self._settle_success(probe, started)
         return result
 
-    def _settle_failure(self, exc: Exception, probe: bool, started: float) -> BackendError:
-        """Count a failed call and move the breaker; the BackendError the caller raises."""
-        error = exc if isinstance(exc, BackendError) else _wrap(exc)
+    def _raise_failure(self, exc: Exception, probe: bool, started: float) -> NoReturn:
+        """Count a failed call, move the breaker, and raise it as a BackendError (a backend bug included)."""
+        if isinstance(exc, BackendError):
+            self._failed(exc, probe, started)
+            raise exc
+        error = _wrap(exc)
         self._failed(error, probe, started)
-        return error
+        raise error from exc
 
     def _settle_success(self, probe: bool, started: float) -> None:
         if self.metrics is not None:

@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from asgi_ratelimit import GCRA, BackendError, RedisBackend, SlidingWindow, TokenBucket
 from asgi_ratelimit._keys import digest, state_key
 from asgi_ratelimit.backends._coalesce import ScriptCaller
+from asgi_ratelimit.backends._wire import WireCalls
 from asgi_ratelimit.backends.redis import HIT_SCRIPT
 from asgi_ratelimit.limiter import Limiter, error_kind
 
@@ -116,10 +117,10 @@ _ARGUMENTS = st.one_of(
 
 @given(calls=st.lists(st.lists(_ARGUMENTS, max_size=6).map(lambda args: [len(args), *args]), min_size=1, max_size=4))
 def test_the_wire_bytes_are_the_ones_redis_py_would_send(calls: list[list[Any]]) -> None:
-    caller = ScriptCaller(None, "return 1", wire=True)
+    sha = "0123456789abcdef0123456789abcdef01234567"
     connection = Redis().connection_pool.make_connection()
-    expected = b"".join(connection.pack_commands([("EVALSHA", caller.sha, *call) for call in calls]))
-    assert caller._pack(calls) == expected
+    expected = b"".join(connection.pack_commands([("EVALSHA", sha, *call) for call in calls]))
+    assert WireCalls(None, sha, hold_connection=False).pack(calls) == expected
 
 
 async def test_on_the_wire_one_calls_error_leaves_the_others_standing(redis_url: str, key_prefix: str) -> None:
@@ -127,14 +128,16 @@ async def test_on_the_wire_one_calls_error_leaves_the_others_standing(redis_url:
     # A script of this test's own (the prefix is unique), so that the shared Redis cannot know it yet.
     source = f"-- {key_prefix}\nif ARGV[1] == 'fail' then return redis.error_reply('no') end return ARGV[1]"
     caller = ScriptCaller(client, source, wire=True)
+    wire = caller._wire
+    assert wire is not None
     try:
-        replies = await caller._exchange([(0, b"a"), (0, b"c")])
+        replies = await wire.exchange([(0, b"a"), (0, b"c")])
         assert all(isinstance(reply, redis_errors.NoScriptError) for reply in replies)  # not loaded yet
         await caller._load()
-        replies = await caller._exchange([(0, b"a"), (0, b"fail"), (0, b"c")])
+        replies = await wire.exchange([(0, b"a"), (0, b"fail"), (0, b"c")])
         assert replies[0] == b"a" and replies[2] == b"c"
         assert isinstance(replies[1], redis_errors.ResponseError) and "no" in str(replies[1])
-        # The connection went back to the pool in step with the server: the next call reads its own reply.
+        # The connection stayed in step with the server: the next call reads its own reply.
         assert await caller(0, b"again") == b"again"
         with pytest.raises(redis_errors.ResponseError):
             await caller(0, b"fail")

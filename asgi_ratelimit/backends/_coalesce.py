@@ -8,6 +8,9 @@ Redis answers a pipeline of 50 scripts several times faster than 50 separate rou
 
 A pipeline cannot recover from NOSCRIPT by itself (correctness rule 13): the entries that got
 NOSCRIPT are sent again after the script is loaded.
+
+How a call or a pipeline reaches Redis is redis-py's command machinery, or, on one Redis, the
+leaner path of _wire.py.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from hashlib import sha1
-from typing import Any, cast
+from typing import Any
 
 from redis import exceptions as redis_errors
-from redis.asyncio.connection import BlockingConnectionPool, ConnectionPool
+
+from ._wire import WireCalls
 
 __all__ = ["ScriptCaller"]
 
@@ -44,20 +48,11 @@ class ScriptCaller:
         self.client = client
         self.source = source
         self.sha = sha1(source.encode("utf-8")).hexdigest()
-        # On one Redis (not a cluster, which routes each command itself), calls go out as RESP written
-        # here on a pooled connection: redis-py's generic command and pipeline machinery cost more
-        # than the script run itself.
-        self.wire = wire
-        self._command_head = b"$7\r\nEVALSHA\r\n$40\r\n" + self.sha.encode() + b"\r\n"
-        # Coalescing with one round trip at a time needs one connection, held for good: taking one
-        # from redis-py's pool and giving it back costs a lock, a readiness check and its metrics
-        # bookkeeping on every call.  Only from redis-py's plain pools: a Sentinel pool moves its
-        # connections to a new primary after a failover, which a connection held here would miss.
-        pool = getattr(client, "connection_pool", None)
-        self._dedicated = (
-            wire and coalesce and max_in_flight == 1 and type(pool) in (ConnectionPool, BlockingConnectionPool)
+        # On one Redis (not a cluster, which routes each command itself) calls go straight onto a
+        # connection (_wire.py); with coalescing, one round trip at a time needs only one connection.
+        self._wire: WireCalls | None = (
+            WireCalls(client, self.sha, hold_connection=coalesce and max_in_flight == 1) if wire else None
         )
-        self._connection: Any = None  # that connection, once taken from the pool
         self.coalesce = coalesce
         self.max_in_flight = max_in_flight
         self._queue: list[Queued] = []
@@ -99,11 +94,11 @@ class ScriptCaller:
 
     async def _run_one(self, call_args: Args) -> Any:
         self.round_trips += 1
-        if self.wire:
-            [result] = await self._exchange([call_args])
+        if self._wire is not None:
+            [result] = await self._wire.exchange([call_args])
             if isinstance(result, redis_errors.NoScriptError):
                 await self._load()
-                [result] = await self._exchange([call_args])
+                [result] = await self._wire.exchange([call_args])
             if isinstance(result, Exception):
                 raise result
             return result
@@ -112,74 +107,6 @@ class ScriptCaller:
         except redis_errors.NoScriptError:
             await self._load()
             return await self.client.execute_command("EVALSHA", self.sha, *call_args)
-
-    async def _exchange(self, calls: list[Args]) -> list[Any]:
-        """Write ``calls`` as one buffer on a pooled connection and read one reply each (errors as values).
-
-        A connection error is retried as the client's own Retry says (a stale pooled connection after
-        a restart is retried once by RedisBackend.from_url's default), as redis-py does for its pipelines.
-        """
-        pool = self.client.connection_pool
-        dedicated = self._dedicated
-        if dedicated:
-            if self._connection is None:
-                self._connection = await pool.get_connection()
-            connection = self._connection
-        else:
-            connection = await pool.get_connection()
-        try:
-            return cast(
-                list[Any],
-                await connection.retry.call_with_retry(
-                    lambda: self._send_and_read(connection, calls),
-                    lambda error: connection.disconnect(nowait=True),
-                ),
-            )
-        except BaseException:
-            # A failure (or a cancellation) between the write and the last reply leaves replies
-            # unread on the socket: the connection must not go back to the pool as it is.
-            await connection.disconnect(nowait=True)
-            raise
-        finally:
-            if not dedicated:
-                await pool.release(connection)
-
-    async def _send_and_read(self, connection: Any, calls: list[Args]) -> list[Any]:
-        data = self._pack(calls)
-        writer = getattr(connection, "_writer", None)  # redis-py's stream writer, once connected
-        if isinstance(writer, asyncio.StreamWriter) and connection.is_connected and not writer.transport.is_closing():
-            # The common case is one buffered write. redis-py's send_packed_command times even that
-            # out through asyncio.wait_for, which costs a task per call: only a write the socket
-            # could not take at once goes through it, to drain within the socket timeout.
-            writer.write(data)
-            if writer.transport.get_write_buffer_size():
-                try:
-                    await connection.send_packed_command(b"", check_health=False)
-                except BaseException:
-                    # Drop what the socket never took: a closing transport would still deliver it.
-                    writer.transport.abort()
-                    raise
-        else:
-            await connection.send_packed_command(data, check_health=False)  # connects first
-        replies: list[Any] = []
-        for _ in calls:
-            try:
-                replies.append(await connection.read_response())
-            except redis_errors.ResponseError as exc:  # this call's error; the others still stand
-                replies.append(exc)
-        return replies
-
-    def _pack(self, calls: list[Args]) -> bytes:
-        """RESP arrays for EVALSHA <sha> <arguments> per call, in one buffer."""
-        head = self._command_head
-        parts: list[bytes] = []
-        for call_args in calls:
-            parts.append(b"*%d\r\n" % (len(call_args) + 2))
-            parts.append(head)
-            for value in call_args:
-                data = _encode(value)
-                parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
-        return b"".join(parts)
 
     async def _load(self) -> None:
         loaded = await self.client.script_load(self.source)
@@ -243,25 +170,12 @@ class ScriptCaller:
 
     async def _pipeline(self, calls: list[Args]) -> list[Any]:
         self.round_trips += 1
-        if self.wire:
-            return await self._exchange(calls)
+        if self._wire is not None:
+            return await self._wire.exchange(calls)
         pipe = self.client.pipeline(transaction=False)
         for call_args in calls:
             pipe.execute_command("EVALSHA", self.sha, *call_args)
         return list(await pipe.execute(raise_on_error=False))
-
-
-def _encode(value: Any) -> bytes:
-    """One argument as Redis receives it (the same bytes redis-py's encoder sends)."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    if isinstance(value, int) and not isinstance(value, bool):
-        return b"%d" % value
-    if isinstance(value, float):
-        return repr(value).encode()
-    raise TypeError(f"a script argument must be bytes, str, int or float, got {value!r}")
 
 
 def _succeed(future: asyncio.Future[Any], result: Any, transform: Transform | None = None) -> None:

@@ -10,7 +10,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 from ..errors import ConfigurationError
 from ..policies import MICROS, Concurrency, Decision, Policy, new_decision
 
-__all__ = ["Backend", "Hit", "Slot", "check_hits", "decisions_from_flat", "new_token"]
+__all__ = ["Backend", "Hit", "Slot", "check_hits", "decision_from_reply", "decisions_from_flat", "new_token"]
 
 #: One entry of a combined call: (identity, policy, cost).
 Hit = tuple[str, Policy, int]
@@ -82,19 +82,23 @@ def check_hits(hits: Sequence[Hit]) -> None:
 
 def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decision]:
     """Turn the scripts' flat reply (allowed, retry_us, remaining, reset_us per entry) into Decisions."""
-    decisions = []
     values = iter(flat)
     # zip over one iterator takes the reply four values at a time.
-    for (_, policy, _), allowed, retry_us, remaining, reset_us in zip(
-        hits, values, values, values, values, strict=True
-    ):
-        decision = new_decision(
-            allowed == 1,
-            policy.quota,
-            int(remaining) if remaining > 0 else 0,
-            math.inf if retry_us < 0 else retry_us / MICROS,
-            reset_us / MICROS if reset_us > 0 else 0.0,
-            policy,
+    return [
+        decision_from_reply(policy, allowed, retry_us, remaining, reset_us)
+        for (_, policy, _), allowed, retry_us, remaining, reset_us in zip(
+            hits, values, values, values, values, strict=True
         )
-        decisions.append(decision)
-    return decisions
+    ]
+
+
+def decision_from_reply(policy: Policy, allowed: int, retry_us: int, remaining: int, reset_us: int) -> Decision:
+    """One entry of a script's reply as a Decision (retry_us -1 means never)."""
+    return new_decision(
+        allowed == 1,
+        policy.quota,
+        int(remaining) if remaining > 0 else 0,
+        math.inf if retry_us < 0 else retry_us / MICROS,
+        reset_us / MICROS if reset_us > 0 else 0.0,
+        policy,
+    )

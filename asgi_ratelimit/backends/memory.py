@@ -27,7 +27,7 @@ from ..policies import (
     Decision,
     Policy,
 )
-from .base import Hit, Slot, check_hits, decisions_from_flat, new_token
+from .base import Hit, Slot, check_hits, decision_from_reply, decisions_from_flat, new_token
 
 __all__ = ["MemoryBackend"]
 
@@ -146,10 +146,10 @@ class MemoryBackend:
             allowed, retry, rem0, reset0, rem1, reset1, write = _ALGORITHMS[policy.code](
                 self, self._key(identity, policy), now, cost, policy
             )
-            if write is not None:
-                write()
-                return decisions_from_flat(hits, (allowed, retry, rem1, reset1))
-            return decisions_from_flat(hits, (allowed, retry, rem0, reset0))
+            if write is None:
+                return [decision_from_reply(policy, allowed, retry, rem0, reset0)]
+            write()
+            return [decision_from_reply(policy, allowed, retry, rem1, reset1)]
         verdicts: list[Verdict] = []
         all_allowed = True
         for identity, policy, cost in hits:

@@ -432,9 +432,12 @@ async def test_a_script_error_raises_backend_error(client: Any, key_prefix: str)
     await backend.hit("k", [policy])
     [key] = await keys_of(client, key_prefix)
     await client.delete(key)
-    await client.set(key, "not a hash")  # WRONGTYPE inside the script
-    with pytest.raises(BackendError, match="decide"):
-        await backend.hit("k", [policy])
+    await client.set(key, "not a hash", px=60_000)  # WRONGTYPE inside the script; expires like the limiter's keys
+    try:
+        with pytest.raises(BackendError, match="decide"):
+            await backend.hit("k", [policy])
+    finally:
+        await client.delete(key)
 
 
 def test_from_url_sets_short_socket_timeouts() -> None:

@@ -1,10 +1,10 @@
 """Every Python snippet in the docs and the README runs as it is, and the apps it builds answer.
 
-A snippet that cannot run here says so in the markdown, on the line just before its fence:
+No snippet can opt out. One that talks to a Redis server says so in the markdown, on the line just
+before its fence:
 
-    <!-- docs-test: skip (the reason, shown in the test report) -->
-    <!-- docs-test: redis -->   (talks to a Redis server: runs where one answers, skips or fails like the
-                                 other ``redis`` tests otherwise, with REDIS_URL exported to it)
+    <!-- docs-test: redis -->   (runs where a Redis answers, skips or fails like the other ``redis``
+                                 tests otherwise, with REDIS_URL exported to it)
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 PAGES = [*sorted(path.name for path in DOCS.glob("*.md")), "README.md"]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
-MARKER = re.compile(r"<!--\s*docs-test:\s*(skip|redis)\b\s*(.*?)\s*-->\s*\Z")
+MARKER = re.compile(r"<!--\s*docs-test:\s*redis\s*-->\s*\Z")
 
 
 def page_path(page: str) -> Path:
@@ -36,18 +36,9 @@ def snippets() -> list[Any]:
             line = text.count("\n", 0, match.start()) + 2
             before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
             marker = MARKER.search(before)
-            marks: list[Any] = []
-            if marker and marker.group(1) == "skip":
-                reason = marker.group(2).strip("() ") or "marked docs-test: skip"
-                marks.append(pytest.mark.skip(reason=f"{page}:{line}: {reason}"))
-            elif marker:
-                marks.append(pytest.mark.redis)
+            marks = [pytest.mark.redis] if marker else []
             param_id = f"{page}:{line}:{index}"
-            found.append(
-                pytest.param(
-                    match.group(1), marker is not None and marker.group(1) == "redis", id=param_id, marks=marks
-                )
-            )
+            found.append(pytest.param(match.group(1), marker is not None, id=param_id, marks=marks))
     return found
 
 

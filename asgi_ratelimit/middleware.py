@@ -227,7 +227,9 @@ class RateLimitMiddleware:
             )
             return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
-        headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, False, policy_header)
+        headers = rate_limit_headers(
+            decisions, policy_items, item_names, self.header_mode, denied=False, policy_header=policy_header
+        )
         if not headers:
             await self.app(scope, receive, send)
             return

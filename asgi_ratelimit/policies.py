@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
 
 from .errors import ConfigurationError
 
@@ -41,13 +41,17 @@ FIXED_WINDOW = 4
 SLIDING_WINDOW_COUNTER = 5
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """The answer for one policy of one hit.
 
     ``retry_after`` is the number of seconds until this hit could succeed (0 when allowed;
     ``math.inf`` when it never can, because its cost exceeds the policy's capacity).
     ``reset_after`` is the number of seconds until the key is back to its full allowance.
+    ``policy`` names the policy that answered; it is not part of the answer, so two decisions
+    that say the same thing compare equal whichever policy said it.
+
+    A named tuple, not a dataclass: every request builds one, and a tuple is built in a third of
+    the time a frozen dataclass takes.
     """
 
     allowed: bool
@@ -55,40 +59,41 @@ class Decision:
     remaining: int
     retry_after: float
     reset_after: float
-    policy: Policy | None = field(default=None, compare=False, repr=False)
+    policy: Policy | None = None
 
     @property
     def never(self) -> bool:
         """True when the hit's cost exceeds the policy's capacity: no wait can make it pass."""
         return math.isinf(self.retry_after)
 
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed!r}, limit={self.limit!r}, remaining={self.remaining!r}, "
+            f"retry_after={self.retry_after!r}, reset_after={self.reset_after!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Decision):
+            return self[:5] == other[:5]
+        return NotImplemented
+
+    def __ne__(self, other: object) -> bool:
+        if isinstance(other, Decision):
+            return self[:5] != other[:5]
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self[:5])
+
 
 def new_decision(
     allowed: bool, limit: int, remaining: int, retry_after: float, reset_after: float, policy: Policy | None
 ) -> Decision:
-    """Decision(...) for the hot paths: the same object, built in one step.
-
-    A frozen dataclass's __init__ sets its fields one by one through object.__setattr__, which
-    doubled the cost of a decision on the middleware's hot path.
-    """
-    decision = _new_object(Decision)
-    _set_attribute(
-        decision,
-        "__dict__",
-        {
-            "allowed": allowed,
-            "limit": limit,
-            "remaining": remaining,
-            "retry_after": retry_after,
-            "reset_after": reset_after,
-            "policy": policy,
-        },
-    )
-    return decision
+    """Decision(...) for the hot paths: the same tuple, without the keyword handling of its __new__."""
+    return _new_tuple(Decision, (allowed, limit, remaining, retry_after, reset_after, policy))
 
 
-_new_object = object.__new__
-_set_attribute = object.__setattr__
+_new_tuple = tuple.__new__
 
 
 def _check_count(owner: str, name: str, value: object) -> int:

@@ -27,19 +27,17 @@ from ..policies import (
     Decision,
     Policy,
 )
-from .base import Hit, Slot, check_hits, decision_from_reply, decisions_from_flat, new_token
+from .base import Hit, Slot, check_hits, decision_from_reply, new_token
 
 __all__ = ["MemoryBackend"]
 
 SCALE = 1_000_000  # micro-tokens per token, as in hit.lua
+_SWEEP_EVERY = 1024  # writes between two sweeps of expired keys
 
-# (allowed, retry_us, remaining_before, reset_before, remaining_after, reset_after, write)
-Verdict = tuple[int, int, int, int, int, int, Callable[[], None] | None]
-
-
-def _ttl_us(us: float) -> int:
-    """The TTL hit.lua sets (whole milliseconds, rounded up, at least 1), in microseconds."""
-    return max(1, math.ceil(us / 1000)) * 1000
+# (allowed, retry_us, remaining, reset_us): one entry of hit.lua's reply.  An algorithm called with
+# commit=True writes the hit when it allows and answers with the state after it; with commit=False
+# (or when it denies) it writes nothing and answers with the state before it.
+Reply = tuple[int, int, int, int]
 
 
 def _window_index(now: int, window: int) -> int:
@@ -90,11 +88,11 @@ class MemoryBackend:
         self.max_keys = max_keys
         self.prefix = prefix
         self._clock = clock or system_clock_us
-        # key -> [expires_at_us, state], in write order, oldest first.  An OrderedDict, not a
+        # key -> (expires_at_us, state), in write order, oldest first.  An OrderedDict, not a
         # dict: a dict's first item is found by scanning past the slots its deletions left at the
         # front, so evicting at the cap under a flood cost time in proportion to the cap.
-        self._store: OrderedDict[str, list[Any]] = OrderedDict()
-        self._writes = 0
+        self._store: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._writes_to_sweep = _SWEEP_EVERY  # writes left before the next sweep of expired keys
         # (identity, policy key suffix) -> state key: hashing the identity costs more than the
         # decision itself.  Bounded: emptied whenever it reaches the key cap.
         self._keys: dict[tuple[str, str], str] = {}
@@ -141,31 +139,23 @@ class MemoryBackend:
         """The synchronous core of hit_many: atomic because it never awaits."""
         check_hits(hits)
         now = self._clock()
-        if len(hits) == 1:  # the common case: one policy, nothing to combine
+        if len(hits) == 1:  # the common case: one policy decides and writes in one step
             identity, policy, cost = hits[0]
-            allowed, retry, rem0, reset0, rem1, reset1, write = _ALGORITHMS[policy.code](
-                self, self._key(identity, policy), now, cost, policy
-            )
-            if write is None:
-                return [decision_from_reply(policy, allowed, retry, rem0, reset0)]
-            write()
-            return [decision_from_reply(policy, allowed, retry, rem1, reset1)]
-        verdicts: list[Verdict] = []
-        all_allowed = True
-        for identity, policy, cost in hits:
-            verdict = _ALGORITHMS[policy.code](self, self._key(identity, policy), now, cost, policy)
-            verdicts.append(verdict)
-            if not verdict[0]:
-                all_allowed = False
-        flat: list[int] = []
-        for allowed, retry, rem0, reset0, rem1, reset1, write in verdicts:
-            if all_allowed:
-                assert write is not None
-                write()
-                flat += (allowed, retry, rem1, reset1)
-            else:
-                flat += (allowed, retry, rem0, reset0)
-        return decisions_from_flat(hits, flat)
+            reply = _ALGORITHMS[policy.code](self, self._key(identity, policy), now, cost, policy, True)
+            return [decision_from_reply(policy, *reply)]
+        # Several policies: all are decided before any is written, as in hit.lua, so a denied hit
+        # takes from none of them.  Nothing changes in between, so the committing pass allows too.
+        keys = [self._key(identity, policy) for identity, policy, _ in hits]
+        replies = [
+            _ALGORITHMS[policy.code](self, key, now, cost, policy, False)
+            for key, (_, policy, cost) in zip(keys, hits, strict=True)
+        ]
+        if all(reply[0] for reply in replies):
+            replies = [
+                _ALGORITHMS[policy.code](self, key, now, cost, policy, True)
+                for key, (_, policy, cost) in zip(keys, hits, strict=True)
+            ]
+        return [decision_from_reply(policy, *reply) for (_, policy, _), reply in zip(hits, replies, strict=True)]
 
     # -- storage ---------------------------------------------------------------------
 
@@ -189,13 +179,15 @@ class MemoryBackend:
 
     def _set(self, key: str, state: Any, now: int, ttl_from_now_us: float) -> None:
         store = self._store
-        store[key] = [now + _ttl_us(ttl_from_now_us), state]
+        # The TTL hit.lua sets: whole milliseconds, rounded up, at least 1.
+        store[key] = (now + max(1, math.ceil(ttl_from_now_us / 1000)) * 1000, state)
         # The front holds the least recently written.
         store.move_to_end(key)
-        self._writes += 1
-        if self._writes % 1024 == 0:
+        self._writes_to_sweep -= 1
+        if not self._writes_to_sweep:
+            self._writes_to_sweep = _SWEEP_EVERY
             self._sweep(now)
-        while len(store) > self.max_keys:
+        if len(store) > self.max_keys:  # one key was added at most
             store.popitem(last=False)
 
     def _sweep(self, now: int, budget: int = 512) -> None:
@@ -207,7 +199,7 @@ class MemoryBackend:
 
     # -- the algorithms, mirroring hit.lua ---------------------------------------------
 
-    def _token_bucket(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+    def _token_bucket(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
         rate = float(policy.numbers[0])
         capacity = policy.numbers[1]
         full = capacity * SCALE
@@ -221,18 +213,17 @@ class MemoryBackend:
         # Waits are counted from the stored stamp, as the refill is, so that they are exact.
         reset = stamp + _refill_time(full - stored, rate) - now if tokens < full else 0
         if need > full:
-            return 0, -1, remaining, reset, 0, 0, None
+            return 0, -1, remaining, reset
         if tokens < need:
-            return 0, stamp + _refill_time(need - stored, rate) - now, remaining, reset, 0, 0, None
+            return 0, stamp + _refill_time(need - stored, rate) - now, remaining, reset
+        if not commit:
+            return 1, 0, remaining, reset
         left = tokens - need
         reset_after = _refill_time(full - left, rate)
+        self._set(key, (left, now), now, reset_after)
+        return 1, 0, left // SCALE, reset_after
 
-        def write() -> None:
-            self._set(key, (left, now), now, reset_after)
-
-        return 1, 0, remaining, reset, left // SCALE, reset_after, write
-
-    def _sliding_window(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+    def _sliding_window(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
         limit, window = policy.numbers
         scores: list[int] | None = self._get(key, now)
         live_from = 0 if scores is None else bisect_right(scores, now - window)
@@ -241,40 +232,42 @@ class MemoryBackend:
         if scores and count > 0:
             reset = max(0, scores[-1] + window - now)
         if cost > limit:
-            return 0, -1, limit - count, reset, 0, 0, None
+            return 0, -1, limit - count, reset
         if count + cost > limit:
             assert scores is not None
             nth = scores[live_from + count + cost - limit - 1]
-            return 0, max(1, nth + window - now), limit - count, reset, 0, 0, None
-
-        def write() -> None:
-            kept = [] if scores is None else scores
+            return 0, max(1, nth + window - now), limit - count, reset
+        if not commit:
+            return 1, 0, limit - count, reset
+        kept = [] if scores is None else scores
+        if live_from:
             del kept[:live_from]
-            for _ in range(cost):
+        if not kept or kept[-1] <= now:
+            kept += [now] * cost  # the usual case: time moved forward, so the log stays sorted
+        else:
+            for _ in range(cost):  # the clock stepped back: keep the log sorted all the same
                 insort(kept, now)
-            self._set(key, kept, now, window)
+        self._set(key, kept, now, window)
+        return 1, 0, limit - count - cost, window
 
-        return 1, 0, limit - count, reset, limit - count - cost, window, write
-
-    def _gcra(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+    def _gcra(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
         interval, burst = policy.numbers
         stored = self._get(key, now)
         tat = now if stored is None else max(stored, now)
         tolerance = burst * interval
         available = math.floor((tolerance - (tat - now)) / interval)
         if cost > burst:
-            return 0, -1, available, tat - now, 0, 0, None
+            return 0, -1, available, tat - now
         new_tat = tat + cost * interval
         if new_tat - now > tolerance:
-            return 0, new_tat - now - tolerance, available, tat - now, 0, 0, None
+            return 0, new_tat - now - tolerance, available, tat - now
+        if not commit:
+            return 1, 0, available, tat - now
         reset = new_tat - now
+        self._set(key, new_tat, now, reset)
+        return 1, 0, math.floor((tolerance - reset) / interval), reset
 
-        def write() -> None:
-            self._set(key, new_tat, now, reset)
-
-        return 1, 0, available, tat - now, math.floor((tolerance - reset) / interval), reset, write
-
-    def _fixed_window(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+    def _fixed_window(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
         limit, window = policy.numbers
         index = _window_index(now, window)
         state = self._get(key, now)
@@ -282,16 +275,15 @@ class MemoryBackend:
         ends = (index + 1) * window - now
         reset = ends if count > 0 else 0
         if cost > limit:
-            return 0, -1, limit - count, reset, 0, 0, None
+            return 0, -1, limit - count, reset
         if count + cost > limit:
-            return 0, ends, limit - count, reset, 0, 0, None
+            return 0, ends, limit - count, reset
+        if not commit:
+            return 1, 0, limit - count, reset
+        self._set(key, (index, count + cost), now, ends)
+        return 1, 0, limit - count - cost, ends
 
-        def write() -> None:
-            self._set(key, (index, count + cost), now, ends)
-
-        return 1, 0, limit - count, reset, limit - count - cost, ends, write
-
-    def _window_counter(self, key: str, now: int, cost: int, policy: Policy) -> Verdict:
+    def _window_counter(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
         limit, window = policy.numbers
         index = _window_index(now, window)
         elapsed = now - index * window
@@ -307,7 +299,7 @@ class MemoryBackend:
         reset = 2 * window - elapsed if current > 0 else (window - elapsed if previous > 0 else 0)
         remaining = max(0, math.floor(limit - weighted - current))
         if cost > limit:
-            return 0, -1, remaining, reset, 0, 0, None
+            return 0, -1, remaining, reset
         if weighted + current + cost > limit:
             spare = limit - current - cost
             if spare >= 0:
@@ -316,17 +308,16 @@ class MemoryBackend:
                 wait = (
                     window - elapsed + max(0, math.ceil(window - float(limit - cost) * float(window) / float(current)))
                 )
-            return 0, max(1, wait), remaining, reset, 0, 0, None
+            return 0, max(1, wait), remaining, reset
+        if not commit:
+            return 1, 0, remaining, reset
         after = current + cost
         reset_after = 2 * window - elapsed
-
-        def write() -> None:
-            self._set(key, (index, after, previous), now, reset_after)
-
-        return 1, 0, remaining, reset, max(0, math.floor(limit - weighted - after)), reset_after, write
+        self._set(key, (index, after, previous), now, reset_after)
+        return 1, 0, max(0, math.floor(limit - weighted - after)), reset_after
 
 
-_ALGORITHMS: dict[int, Callable[[MemoryBackend, str, int, int, Policy], Verdict]] = {
+_ALGORITHMS: dict[int, Callable[[MemoryBackend, str, int, int, Policy, bool], Reply]] = {
     TOKEN_BUCKET: MemoryBackend._token_bucket,
     SLIDING_WINDOW: MemoryBackend._sliding_window,
     GCRA_CODE: MemoryBackend._gcra,

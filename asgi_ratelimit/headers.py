@@ -112,7 +112,8 @@ def rate_limit_headers(
         if policy_header is None:
             policy_header = ", ".join(policy_items).encode("ascii")
         if len(decisions) == 1:  # the common case, without a generator and a join
-            state = f"{item_names[0]};r={decisions[0].remaining};t={_t_seconds(decisions[0])}"
+            decision = decisions[0]
+            state = f"{item_names[0]};r={decision.remaining};t={_t_seconds(decision)}"
         else:
             state = ", ".join(
                 f"{name};r={d.remaining};t={_t_seconds(d)}" for name, d in zip(item_names, decisions, strict=True)

@@ -143,10 +143,8 @@ class LimiterMetrics:
         )
         # Every kind is exported from the start, so rate() and absent() work before the first error.
         self.errors = {kind: self.backend_errors.labels(kind) for kind in ERROR_KINDS}
-
-    def count(self, rule: str, result: Result) -> None:
-        """Count one decision of ``rule``."""
-        self.decisions.count(rule, result)
+        #: count(rule, result): count one decision of ``rule`` (the counter's own method: one call less per request).
+        self.count = self.decisions.count
 
     def add_rule(self, rule: str) -> None:
         """Export every result of ``rule`` at zero, so alerts on rate() see the series from the start."""

@@ -107,6 +107,7 @@ class RateLimitMiddleware:
             registry=self.registry if metrics else None,
             deny_cache=deny_cache,
         )
+        self._in_process = self.limiter.in_process  # read once: every request asks
         self._operations: OperationsApp | None = None
         if metrics_path is not None or health_path is not None:
             self._operations = OperationsApp(
@@ -152,7 +153,10 @@ class RateLimitMiddleware:
             await self._operations.serve(path, scope, send)
             return
         method = scope.get("method", "GET")
-        matched = [rule for rule in self.rules if rule.matches(method, path)]
+        matched = []
+        for rule in self.rules:  # a loop, not a comprehension: most requests match one rule or none
+            if rule.matches(method, path):
+                matched.append(rule)
         if not matched or (self._exempt_paths and any(rule.matches(method, path) for rule in self._exempt_paths)):
             await self.app(scope, receive, send)
             return
@@ -182,7 +186,8 @@ class RateLimitMiddleware:
             limits = rule.limits_for(request)
             cost = rule.cost_for(request)
             identity = rule.name + _SEPARATOR + value
-            hits += [(identity, policy, cost) for policy in limits.policies]
+            for policy in limits.policies:
+                hits.append((identity, policy, cost))
             spans.append((rule.name, identity, len(limits.policies)))
             policy_items += limits.policy_items
             item_names += limits.item_names
@@ -199,7 +204,7 @@ class RateLimitMiddleware:
         try:
             if not hits:
                 decisions = []
-            elif self.limiter.in_process:
+            elif self._in_process:
                 decisions = self.limiter.decide_in_process(hits)
             else:
                 decisions = await self.limiter.decide(hits)

@@ -126,3 +126,27 @@ def test_the_default_clock_is_wall_clock_microseconds() -> None:
     reset_us = round(decision.reset_after * US)
     if before // window == after // window:
         assert (after // window + 1) * window - after <= reset_us <= (before // window + 1) * window - before
+
+
+def test_the_sliding_log_drops_expired_entries_in_batches_and_stays_exact() -> None:
+    # A steady stream through a sliding log: entries expire one or two per hit.  Dropping them on
+    # every hit would shift the whole log each time (O(limit) per request); the log instead keeps
+    # them until they are half of it, and the answers stay those of a plain count over the window.
+    clock = Clock()
+    backend = MemoryBackend(clock=clock)
+    policy = SlidingWindow(1_000, 1)
+    allowed_at: list[int] = []
+    longest = 0
+    for step in range(5_000):
+        clock.now += 700 + (step % 3) * 300  # 0.7 to 1.3 ms apart: about a thousand hits per window
+        live = [t for t in allowed_at if t > clock.now - US]
+        decision = backend.decide([("k", policy, 1)])[0]
+        assert decision.allowed == (len(live) < 1_000)
+        if decision.allowed:
+            assert decision.remaining == 1_000 - len(live) - 1
+            live.append(clock.now)
+        allowed_at = live
+        log = next(iter(backend._store.values()))[1]
+        assert log == sorted(log)
+        longest = max(longest, len(log))
+    assert 1_000 < longest <= 2 * 1_000 + 1

@@ -240,7 +240,9 @@ class MemoryBackend:
         if not commit:
             return 1, 0, limit - count, reset
         kept = [] if scores is None else scores
-        if live_from:
+        if live_from and live_from * 2 >= len(kept):
+            # Expired entries go once they are half the log; until then the search skips them.  Dropping
+            # them on every hit would shift the whole log each time: O(limit) per request.
             del kept[:live_from]
         if not kept or kept[-1] <= now:
             kept += [now] * cost  # the usual case: time moved forward, so the log stays sorted

@@ -148,7 +148,7 @@ class RateLimitMiddleware:
             return
         if not self._routes_loaded:
             self._load_route_rules(scope)
-        path = route_path(scope)
+        path = route_path(scope) if scope.get("root_path") else scope["path"]  # not mounted: no call
         if self._operations is not None and scope_type == "http" and path in self._operations.paths:
             await self._operations.serve(path, scope, send)
             return
@@ -183,8 +183,9 @@ class RateLimitMiddleware:
                 value = await value
             if value is None:
                 continue  # the rule does not apply to this request
-            limits = rule.limits_for(request)
-            cost = rule.cost_for(request)
+            # Static limits and a whole-number cost (the usual rule) are read without a call.
+            limits = rule.static if rule.static is not None else rule.limits_for(request)
+            cost = rule.cost if rule.cost.__class__ is int else rule.cost_for(request)
             identity = rule.name + _SEPARATOR + value
             for policy in limits.policies:
                 hits.append((identity, policy, cost))

@@ -20,10 +20,11 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from typing import Any, Protocol, TypeAlias
 
 from starlette.requests import HTTPConnection
+from starlette.types import Scope
 
 from .errors import ConfigurationError
 
-__all__ = ["UNKNOWN_CLIENT", "ClientIP", "FirstOf", "Header", "JWTClaim", "KeyExtractor"]
+__all__ = ["UNKNOWN_CLIENT", "ClientIP", "FirstOf", "Header", "JWTClaim", "KeyExtractor", "scope_reader"]
 
 #: The key of a request that has no socket peer at all (``scope["client"] is None``).  It is shared by all
 #: such requests, so they are limited together rather than escaping the limit.
@@ -224,11 +225,11 @@ class ClientIP:
             self._cache[text] = result
         return result
 
-    def _hops(self, request: HTTPConnection) -> Iterator[str]:
+    def _hops(self, scope: Scope) -> Iterator[str]:
         """The hops reported by the configured header, at most 64, rightmost first, parsed as they are reached."""
         forwarded: list[str] = []
         listed: list[str] = []
-        for name, value in request.scope["headers"]:
+        for name, value in scope["headers"]:
             if self._read_forwarded and name == b"forwarded":
                 forwarded.append(value.decode("latin-1"))
             elif self._read_list and name == self._list_header:
@@ -248,7 +249,11 @@ class ClientIP:
                 yield part
 
     def __call__(self, request: HTTPConnection) -> str:
-        client = request.scope.get("client")
+        return self.from_scope(request.scope)
+
+    def from_scope(self, scope: Scope) -> str:
+        """The key of the request whose ASGI scope this is (what calling the extractor returns)."""
+        client = scope.get("client")
         if not client:
             return UNKNOWN_CLIENT
         host = client[0]
@@ -262,7 +267,7 @@ class ClientIP:
         last_good, trusted = peer
         if not trusted:
             return last_good
-        for hop in self._hops(request):
+        for hop in self._hops(scope):
             resolved = self._resolve(hop)
             if resolved is None:
                 return last_good
@@ -303,7 +308,11 @@ class Header:
         return f"Header({self._name!r}, max_length={self._max_length})"
 
     def __call__(self, request: HTTPConnection) -> str | None:
-        for name, value in request.scope["headers"]:
+        return self.from_scope(request.scope)
+
+    def from_scope(self, scope: Scope) -> str | None:
+        """The key of the request whose ASGI scope this is (what calling the extractor returns)."""
+        for name, value in scope["headers"]:
             if name == self._raw_name:
                 text = value.decode("latin-1").strip()
                 return _cap(text, self._max_length) if text else None
@@ -456,8 +465,8 @@ class JWTClaim:
             parts.append(f"leeway={self._leeway!r}")
         return f"JWTClaim({', '.join(parts)})"
 
-    def _token(self, request: HTTPConnection) -> str | None:
-        for name, value in request.scope["headers"]:
+    def _token(self, scope: Scope) -> str | None:
+        for name, value in scope["headers"]:
             if name == self._raw_header:
                 text: str = value.decode("latin-1").strip()
                 break
@@ -473,7 +482,11 @@ class JWTClaim:
         return text
 
     def __call__(self, request: HTTPConnection) -> str | None:
-        token = self._token(request)
+        return self.from_scope(request.scope)
+
+    def from_scope(self, scope: Scope) -> str | None:
+        """The key of the request whose ASGI scope this is (what calling the extractor returns)."""
+        token = self._token(scope)
         if token is None:
             return None
         try:
@@ -543,6 +556,11 @@ class FirstOf:
                 )
         self._extractors = extractors
         self._prefixes = tuple(f"{index}:{_kind(extractor)}:" for index, extractor in enumerate(extractors))
+        # Every member reads the scope alone (the built-in extractors): so does this one, see scope_reader().
+        readers = [scope_reader(extractor) for extractor in extractors]
+        self._scope_readers: tuple[ScopeReader, ...] | None = (
+            None if None in readers else tuple(reader for reader in readers if reader is not None)
+        )
 
     def __repr__(self) -> str:
         return f"FirstOf({', '.join(_describe(extractor) for extractor in self._extractors)})"
@@ -566,6 +584,16 @@ class FirstOf:
                 return value
         return None
 
+    def from_scope(self, scope: Scope) -> str | None:
+        """The key of the request whose ASGI scope this is, when every member reads the scope alone."""
+        if self._scope_readers is None:
+            raise TypeError("FirstOf.from_scope: a member needs the request, not only its scope")
+        for index, reader in enumerate(self._scope_readers):
+            value = self._prefixed(index, reader(scope))
+            if value is not None:
+                return value
+        return None
+
     async def _finish(self, request: HTTPConnection, index: int, pending: Awaitable[object]) -> str | None:
         value = self._prefixed(index, await pending)
         for later in range(index + 1, len(self._extractors)):
@@ -574,3 +602,24 @@ class FirstOf:
             result = self._extractors[later](request)
             value = self._prefixed(later, await result if isawaitable(result) else result)
         return value
+
+
+# ----------------------------------------------------------------------------------------- scope_reader
+
+ScopeReader: TypeAlias = "Callable[[Scope], str | None]"
+
+
+def scope_reader(extractor: object) -> ScopeReader | None:
+    """The extractor as a function of the ASGI scope, when that is all it reads; else None.
+
+    True of the built-in extractors (and a FirstOf of them) as they are, not of a subclass that
+    overrides ``__call__``: the middleware then builds no Request for the rule, which is a good
+    part of what a limited request costs.
+    """
+    call = getattr(type(extractor), "__call__", None)  # noqa: B004 - the class's own, not an instance's
+    if call is ClientIP.__call__ or call is Header.__call__ or call is JWTClaim.__call__:
+        reader: ScopeReader = extractor.from_scope  # type: ignore[attr-defined]
+        return reader
+    if call is FirstOf.__call__ and isinstance(extractor, FirstOf) and extractor._scope_readers is not None:
+        return extractor.from_scope
+    return None

@@ -160,8 +160,11 @@ class RateLimitMiddleware:
         if not matched or (self._exempt_paths and any(rule.matches(method, path) for rule in self._exempt_paths)):
             await self.app(scope, receive, send)
             return
-        request: HTTPConnection = Request(scope, receive) if scope_type == "http" else HTTPConnection(scope)
+        # Built only for user code (a predicate, a key, limits or cost callable, on_limited): the built-in
+        # extractors read the scope, and a Request costs a tenth of what the middleware adds.
+        request: HTTPConnection | None = None
         if self._exempt_predicate is not None:
+            request = _connection(scope, receive)
             exempted = self._exempt_predicate(request)
             # An async predicate returns a coroutine, which is truthy: await it, or everything is exempt.
             if inspect.isawaitable(exempted):
@@ -178,14 +181,22 @@ class RateLimitMiddleware:
         slots: list[tuple[str, str, CompiledLimits]] = []  # (rule name, identity, limits) with a Concurrency
         policy_header: bytes | None = None
         for rule in matched:
-            value = rule.key(request)
-            if value.__class__ is not str and inspect.isawaitable(value):  # the common case costs one check
-                value = await value
-            if value is None:
-                continue  # the rule does not apply to this request
-            # Static limits and a whole-number cost (the usual rule) are read without a call.
-            limits = rule.static if rule.static is not None else rule.limits_for(request)
-            cost = rule.cost if rule.cost.__class__ is int else rule.cost_for(request)
+            if rule.from_scope is not None:  # a built-in extractor, static limits, a whole-number cost
+                scope_key, limits, cost = rule.from_scope
+                value = scope_key(scope)
+                if value is None:
+                    continue  # the rule does not apply to this request
+            else:
+                if request is None:
+                    request = _connection(scope, receive)
+                found = rule.key(request)
+                if found.__class__ is not str and inspect.isawaitable(found):  # the common case costs one check
+                    found = await found
+                if found is None:
+                    continue
+                value = found
+                limits = rule.limits_for(request)
+                cost = rule.cost_for(request)
             identity = rule.name + _SEPARATOR + value
             for policy in limits.policies:
                 hits.append((identity, policy, cost))
@@ -246,7 +257,7 @@ class RateLimitMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: HTTPConnection,
+        request: HTTPConnection | None,
         slots: list[tuple[str, str, CompiledLimits]],
         decisions: list[Decision],
         policy_items: tuple[str, ...],
@@ -314,13 +325,13 @@ class RateLimitMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
-        request: HTTPConnection,
+        request: HTTPConnection | None,
         decisions: Sequence[Decision],
         item_names: Sequence[str],
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         if self.on_limited is not None:
-            response = self.on_limited(request, decisions)
+            response = self.on_limited(request if request is not None else _connection(scope, receive), decisions)
             if inspect.isawaitable(response):
                 response = await response
             await response(scope, receive, _with_headers(send, headers))
@@ -419,6 +430,11 @@ def _marked_routes(routes: Iterable[Any], prefix: str) -> Iterable[tuple[str, li
         if marks:
             methods = getattr(route, "methods", None)
             yield path, (sorted(methods) if methods else None), marks
+
+
+def _connection(scope: Scope, receive: Receive) -> HTTPConnection:
+    """The Request user code is given (a websocket handshake has no Request: its HTTPConnection)."""
+    return Request(scope, receive) if scope["type"] == "http" else HTTPConnection(scope)
 
 
 def _no_key(request: HTTPConnection) -> str | None:

@@ -14,8 +14,10 @@ from typing import Any, Union
 
 from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
+from starlette.types import Scope
 
 from .errors import ConfigurationError
+from .extractors import ClientIP, scope_reader
 from .headers import concurrency_item, policy_item, sf_string
 from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
 
@@ -44,7 +46,6 @@ class CompiledLimits:
 
 
 def _default_key() -> KeyFunc:
-    from .extractors import ClientIP
 
     extractor: KeyFunc = ClientIP()
     return extractor
@@ -108,6 +109,8 @@ class Rule:
         if not callable(self.key):
             raise ConfigurationError(f"{label}: key must be a callable of the request, got {key!r}.")
         self.key_is_async = _is_async(self.key)
+        # A built-in extractor reads the scope alone: the middleware then needs no Request for this key.
+        self.scope_key: Callable[[Scope], str | None] | None = scope_reader(self.key)
         self.methods: frozenset[str] | None = None
         if methods is not None:
             if isinstance(methods, str):
@@ -134,6 +137,10 @@ class Rule:
             self.dynamic = limits
         else:
             self.static = self.compile_limits(limits)
+        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request.
+        self.from_scope: tuple[Callable[[Scope], str | None], CompiledLimits, int] | None = None
+        if self.scope_key is not None and self.static is not None and isinstance(self.cost, int):
+            self.from_scope = (self.scope_key, self.static, self.cost)
 
     def __repr__(self) -> str:
         return f"Rule({self.path!r}, name={self.name!r})"

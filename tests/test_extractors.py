@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from starlette.requests import HTTPConnection, Request
 
 from asgi_ratelimit.errors import ConfigurationError
-from asgi_ratelimit.extractors import UNKNOWN_CLIENT, ClientIP, FirstOf, Header, JWTClaim, KeyExtractor
+from asgi_ratelimit.extractors import UNKNOWN_CLIENT, ClientIP, FirstOf, Header, JWTClaim, KeyExtractor, scope_reader
 
 Headers = Sequence[tuple[str, str]]
 
@@ -690,3 +690,70 @@ def test_websocket_handshake_connections_work() -> None:
     assert ClientIP(["10.0.0.0/8"])(connection) == "198.51.100.9"
     assert Header("x-api-key")(connection) == "k"
     assert FirstOf(Header("x-none"), ClientIP())(connection) == "1:ip:10.0.0.1"
+
+
+# -- scope readers: what the middleware calls instead of building a Request -------------------------
+
+
+class LoggedClientIP(ClientIP):
+    """A subclass with its own __call__: the middleware must call it, with a Request."""
+
+    def __call__(self, request: HTTPConnection) -> str:
+        return "logged:" + super().__call__(request)
+
+
+class RenamedHeader(Header):
+    """A subclass that changes from_scope only: the reader is its own from_scope."""
+
+    def from_scope(self, scope: Any) -> str | None:
+        value = super().from_scope(scope)
+        return None if value is None else value.upper()
+
+
+def test_scope_readers_of_the_built_in_extractors() -> None:
+    request = make_request([("x-a", "abc"), *bearer(hs256({"sub": "alice"}))])
+    extractors: list[KeyExtractor] = [
+        ClientIP(),
+        Header("x-a"),
+        JWTClaim("sub", key=SECRET, algorithms=["HS256"]),
+        JWT_OR_IP,
+        RenamedHeader("x-a"),
+    ]
+    values = []
+    for extractor in extractors:
+        reader = scope_reader(extractor)
+        assert reader is not None
+        assert reader(request.scope) == extractor(request)
+        values.append(reader(request.scope))
+    assert values == ["203.0.113.7", "abc", "alice", "0:jwt:sub:alice", "ABC"]
+
+
+@pytest.mark.parametrize(
+    "extractor",
+    [sync_user, async_user, LoggedClientIP(), FirstOf(ClientIP(), sync_user), FirstOf(Header("x"), LoggedClientIP())],
+    ids=["function", "async function", "subclass with its own __call__", "FirstOf with a function", "nested subclass"],
+)
+def test_extractors_that_need_the_request_have_no_scope_reader(extractor: KeyExtractor) -> None:
+    assert scope_reader(extractor) is None
+    if isinstance(extractor, FirstOf):
+        with pytest.raises(TypeError, match="needs the request"):
+            extractor.from_scope(make_request().scope)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    api_key=st.none() | st.text(st.characters(min_codepoint=33, max_codepoint=126), max_size=300),
+    forwarded=st.none() | st.sampled_from(["198.51.100.9", "10.0.0.2, 198.51.100.9", "garbage", "2001:db8::1"]),
+    peer=st.sampled_from(["10.0.0.1", "203.0.113.7", "::ffff:10.0.0.1", "2001:db8:1:2::9", "testclient"]),
+)
+def test_first_of_reads_the_scope_as_it_reads_the_request(
+    api_key: str | None, forwarded: str | None, peer: str
+) -> None:
+    extractor = FirstOf(Header("x-api-key", max_length=64), FirstOf(Header("x-b"), ClientIP(["10.0.0.0/8"])))
+    headers = [("x-api-key", api_key)] if api_key is not None else []
+    if forwarded is not None:
+        headers.append(("x-forwarded-for", forwarded))
+    request = make_request(headers, client=(peer, 1))
+    reader = scope_reader(extractor)
+    assert reader is not None
+    assert reader(request.scope) == extractor(request)

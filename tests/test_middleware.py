@@ -1088,6 +1088,48 @@ class TestExtractors:
         assert [r.status_code for r in with_key] == [200, 429]
         assert by_ip.status_code == 200
 
+    async def test_built_in_extractors_need_no_request_but_user_code_gets_one(
+        self, mw_backend: Backend, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # A built-in key with static limits is read from the scope: no Request is built for it.
+        # Whatever the rule, on_limited (user code) still receives a real Request.
+        import asgi_ratelimit.middleware as middleware_module
+
+        built: list[str] = []
+
+        class CountedRequest(Request):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                built.append(self.url.path)
+
+        monkeypatch.setattr(middleware_module, "Request", CountedRequest)
+        seen: list[tuple[str, str]] = []
+
+        def on_limited(request: HTTPConnection, decisions: Sequence[Decision]) -> Response:
+            seen.append((type(request).__name__, request.url.path))
+            return PlainTextResponse("slow down", status_code=429)
+
+        rules = [Rule("/users/{id}", "2/minute", key=FirstOf(Header("x-api-key"), ClientIP()), name="u")]
+        app = build_app("starlette", rules=rules, backend=mw_backend, on_limited=on_limited)
+        async with client_for(app) as client:
+            statuses = [(await client.get(f"/users/{n}")).status_code for n in range(3)]
+        assert statuses == [200, 200, 429]
+        assert seen == [("CountedRequest", "/users/2")]
+        assert built == ["/users/2"]  # for on_limited only
+
+    async def test_an_extractor_subclass_with_its_own_call_is_called(self, mw_backend: Backend) -> None:
+        class PerTenant(Header):
+            def __call__(self, request: HTTPConnection) -> str | None:
+                tenant = super().__call__(request)
+                return None if tenant is None else tenant.split(".")[0]
+
+        rules = [Rule("/users/{id}", "1/minute", key=PerTenant("x-tenant"), name="u")]
+        app = build_app("starlette", rules=rules, backend=mw_backend)
+        async with client_for(app) as client:
+            first = await client.get("/users/1", headers={"x-tenant": "acme.eu"})
+            same_tenant = await client.get("/users/1", headers={"x-tenant": "acme.us"})
+        assert [first.status_code, same_tenant.status_code] == [200, 429]
+
     async def test_client_ip_on_a_websocket_handshake(self, mw_backend: Backend) -> None:
         async def echo(websocket: WebSocket) -> None:
             await websocket.accept()

@@ -72,10 +72,15 @@ class DecisionCounts(Collector):
     DOC: Final = "Rate-limit decisions, by rule and result."
 
     def __init__(self) -> None:
-        self.counts: dict[tuple[str, str], int] = {}
+        self.counts: dict[tuple[str, str], int] = {}  # (rule, result) -> count, for every result but "allowed"
+        #: rule -> allowed decisions: the result of nearly every request, counted without building a tuple key.
+        self.allowed: dict[str, int] = {}
 
     def count(self, rule: str, result: Result) -> None:
         """Count one decision of ``rule``."""
+        if result == "allowed":
+            self.allowed[rule] = self.allowed.get(rule, 0) + 1
+            return
         try:
             self.counts[(rule, result)] += 1
         except KeyError:  # the first decision of this rule and result
@@ -86,6 +91,8 @@ class DecisionCounts(Collector):
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(self.NAME, self.DOC, labels=["rule", "result"])
+        for rule, value in list(self.allowed.items()):
+            family.add_metric([rule, "allowed"], value)
         for (rule, result), value in list(self.counts.items()):
             family.add_metric([rule, result], value)
         return [family]
@@ -148,7 +155,8 @@ class LimiterMetrics:
 
     def add_rule(self, rule: str) -> None:
         """Export every result of ``rule`` at zero, so alerts on rate() see the series from the start."""
-        for result in RESULTS:
+        self.decisions.allowed.setdefault(rule, 0)
+        for result in RESULTS[1:]:  # after "allowed"
             self.decisions.counts.setdefault((rule, result), 0)
 
 

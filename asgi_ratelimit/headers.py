@@ -99,20 +99,24 @@ def rate_limit_headers(
     mode: HeaderMode,
     denied: bool,
     policy_header: bytes | None = None,
+    state_format: bytes | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The raw ASGI headers for one response.
 
     ``policy_items[i]`` (a preformatted RateLimit-Policy item) and ``item_names[i]`` (its
     String-formatted name) describe ``decisions[i]``; ``policy_header``, when given, is the
-    RateLimit-Policy value those items make, joined and encoded ahead of time.
+    RateLimit-Policy value those items make, joined and encoded ahead of time, and ``state_format``,
+    for a single decision, its RateLimit value as a bytes %-format of (remaining, t).
     """
     if not decisions:
         return []
-    if policy_header is not None and mode == "ietf" and not denied and len(decisions) == 1:
+    if state_format is not None and policy_header is not None and mode == "ietf" and not denied and len(decisions) == 1:
         # The common case (one limit allowed the request, default headers) without the general steps.
         decision = decisions[0]
-        state = f"{item_names[0]};r={decision[2]};t={_t_seconds(decision)}"  # decision[2]: remaining
-        return [(b"ratelimit-policy", policy_header), (b"ratelimit", state.encode("ascii"))]
+        return [
+            (b"ratelimit-policy", policy_header),
+            (b"ratelimit", state_format % (decision.remaining, _t_seconds(decision))),
+        ]
     headers: list[tuple[bytes, bytes]] = []
     if mode == "ietf" or mode == "both":
         if policy_header is None:

@@ -180,6 +180,7 @@ class RateLimitMiddleware:
         fail_open = True  # the request fails open only when every applied rule does
         slots: list[tuple[str, str, CompiledLimits]] = []  # (rule name, identity, limits) with a Concurrency
         policy_header: bytes | None = None
+        state_format: bytes | None = None
         for rule in matched:
             if rule.from_scope is not None:  # a built-in extractor, static limits, a whole-number cost
                 scope_key, limits, cost = rule.from_scope
@@ -205,6 +206,7 @@ class RateLimitMiddleware:
             item_names += limits.item_names
             # One rule's RateLimit-Policy value is joined ahead of time; several rules' are joined per request.
             policy_header = limits.policy_header if len(spans) == 1 else None
+            state_format = limits.state_format if len(spans) == 1 else None
             if limits.concurrency is not None:
                 slots.append((rule.name, identity, limits))
             if not (self.fail_open if rule.fail_open is None else rule.fail_open):
@@ -245,7 +247,13 @@ class RateLimitMiddleware:
             return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
         headers = rate_limit_headers(
-            decisions, policy_items, item_names, self.header_mode, denied=False, policy_header=policy_header
+            decisions,
+            policy_items,
+            item_names,
+            self.header_mode,
+            denied=False,
+            policy_header=policy_header,
+            state_format=state_format,
         )
         if not headers:
             await self.app(scope, receive, send)

@@ -43,6 +43,7 @@ class CompiledLimits:
     concurrency_item: str = ""  # its RateLimit-Policy item
     concurrency_name: str = ""  # its name as an RFC 9651 String
     policy_header: bytes = b""  # the RateLimit-Policy value of the policies alone, joined and encoded
+    state_format: bytes | None = None  # one policy: its RateLimit value as a %-format of (remaining, t)
 
 
 def _default_key() -> KeyFunc:
@@ -201,6 +202,9 @@ class Rule:
             policies=tuple(policies),
             policy_items=items,
             policy_header=", ".join(items).encode("ascii"),
+            state_format=(
+                (sf_string(names[0]).replace("%", "%%") + ";r=%d;t=%d").encode("ascii") if len(policies) == 1 else None
+            ),
             item_names=tuple(sf_string(n) for n in names),
             concurrency=concurrency,
             concurrency_item="" if concurrency is None else concurrency_item(concurrency_name, concurrency.limit),

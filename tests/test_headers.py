@@ -206,3 +206,27 @@ def test_check_mode_accepts_the_modes(mode: str) -> None:
 def test_check_mode_rejects_anything_else(mode: str) -> None:
     with pytest.raises(ConfigurationError, match=repr(mode)):
         check_mode(mode)
+
+
+@given(name=st.text(min_size=1, max_size=30), decision=decision_strategy)
+def test_a_rules_preformatted_headers_equal_the_general_ones(name: str, decision: Decision) -> None:
+    # A rule with one limit formats its headers ahead of time (names with % and quotes included);
+    # what it sends must be exactly what the general path builds.
+    from asgi_ratelimit import Rule
+
+    limits = Rule("/", "5/minute", name=name).static
+    assert limits is not None
+    general = rate_limit_headers([decision], limits.policy_items, limits.item_names, "ietf", denied=False)
+    fast = rate_limit_headers(
+        [decision],
+        limits.policy_items,
+        limits.item_names,
+        "ietf",
+        denied=False,
+        policy_header=limits.policy_header,
+        state_format=limits.state_format,
+    )
+    assert fast == general
+    assert [n for n, _ in parse_sf_list(as_dict(fast)["ratelimit"].encode())] == [
+        n for n, _ in parse_sf_list(as_dict(fast)["ratelimit-policy"].encode())
+    ]

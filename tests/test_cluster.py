@@ -279,7 +279,9 @@ async def test_a_killed_primary_fails_open_then_decisions_resume(own_cluster: Re
 
     rule = Rule("/api", "5/second", key=Header("x-api-key"), name="key")
     app = Starlette(routes=[Route("/api", api)])
-    app.add_middleware(RateLimitMiddleware, rules=[rule], backend=backend, registry=CollectorRegistry())  # defaults
+    # The defaults, but a 250 ms budget: on a loaded CI machine five cluster calls in a row sometimes took over the
+    # default 50 ms before the kill, and the breaker opened before the failover this test is about.
+    app.add_middleware(RateLimitMiddleware, rules=[rule], backend=backend, registry=CollectorRegistry(), timeout=0.25)
 
     def slot_of(value: str) -> int:
         [policy] = rule.limits_for(None).policies
@@ -333,7 +335,7 @@ async def test_a_killed_primary_fails_open_then_decisions_resume(own_cluster: Re
 
     assert [entry for entry in log if entry[2] >= 500] == []
     before = [entry for entry in log if entry[0] < killed_at]
-    # Before the kill the limiter decides; a rare request past the 50 ms budget on a loaded machine fails open.
+    # Before the kill the limiter decides; a rare request past the budget on a loaded machine fails open.
     assert before and sum(entry[3] for entry in before) >= 0.9 * len(before), "the limiter decided before the kill"
     after = [entry for entry in log if entry[0] > killed_at and entry[1] in on_victim]
     passes = [entry[0] for entry in after if not entry[3]]

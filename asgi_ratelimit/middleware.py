@@ -178,7 +178,7 @@ class RateLimitMiddleware:
         policy_items: tuple[str, ...] = ()
         item_names: tuple[str, ...] = ()
         fail_open = True  # the request fails open only when every applied rule does
-        slots: list[tuple[str, str, CompiledLimits]] = []  # (rule name, identity, limits) with a Concurrency
+        slots: list[tuple[str, str, CompiledLimits]] | None = None  # (rule name, identity, limits) with a Concurrency
         policy_header: bytes | None = None
         state_format: bytes | None = None
         for rule in matched:
@@ -208,6 +208,8 @@ class RateLimitMiddleware:
             policy_header = limits.policy_header if len(spans) == 1 else None
             state_format = limits.state_format if len(spans) == 1 else None
             if limits.concurrency is not None:
+                if slots is None:
+                    slots = []
                 slots.append((rule.name, identity, limits))
             if not (self.fail_open if rule.fail_open is None else rule.fail_open):
                 fail_open = False

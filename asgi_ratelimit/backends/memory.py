@@ -146,8 +146,10 @@ class MemoryBackend:
         now = time.time_ns() // 1000 if self._system_clock else self._clock()  # as system_clock_us()
         if len(hits) == 1:  # the common case: one policy decides and writes in one step
             identity, policy, cost = hits[0]
-            reply = _ALGORITHMS[policy.code](self, self._key(identity, policy), now, cost, policy, True)
-            return [decision_from_reply(policy, *reply)]
+            allowed, retry, remaining, reset = _ALGORITHMS[policy.code](
+                self, self._key(identity, policy), now, cost, policy, True
+            )
+            return [decision_from_reply(policy, allowed, retry, remaining, reset)]
         # Several policies: all are decided before any is written, as in hit.lua, so a denied hit
         # takes from none of them.  Nothing changes in between, so the committing pass allows too.
         keys = [self._key(identity, policy) for identity, policy, _ in hits]
@@ -256,7 +258,11 @@ class MemoryBackend:
             # them on every hit would shift the whole log each time: O(limit) per request.
             del kept[:live_from]
         if not kept or kept[-1] <= now:
-            kept += [now] * cost  # the usual case: time moved forward, so the log stays sorted
+            # The usual case: time moved forward, so the log stays sorted.
+            if cost == 1:
+                kept.append(now)
+            else:
+                kept += [now] * cost
         else:
             for _ in range(cost):  # the clock stepped back: keep the log sorted all the same
                 insort(kept, now)

@@ -121,13 +121,9 @@ def rate_limit_headers(
     if mode == "ietf" or mode == "both":
         if policy_header is None:
             policy_header = ", ".join(policy_items).encode("ascii")
-        if len(decisions) == 1:  # without a generator and a join
-            decision = decisions[0]
-            state = f"{item_names[0]};r={decision.remaining};t={_t_seconds(decision)}"
-        else:
-            state = ", ".join(
-                f"{name};r={d.remaining};t={_t_seconds(d)}" for name, d in zip(item_names, decisions, strict=True)
-            )
+        state = ", ".join(
+            f"{name};r={d.remaining};t={_t_seconds(d)}" for name, d in zip(item_names, decisions, strict=True)
+        )
         headers.append((b"ratelimit-policy", policy_header))
         headers.append((b"ratelimit", state.encode("ascii")))
     if mode == "legacy" or mode == "both":

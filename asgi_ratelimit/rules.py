@@ -110,8 +110,6 @@ class Rule:
         if not callable(self.key):
             raise ConfigurationError(f"{label}: key must be a callable of the request, got {key!r}.")
         self.key_is_async = _is_async(self.key)
-        # A built-in extractor reads the scope alone: the middleware then needs no Request for this key.
-        self.scope_key: Callable[[Scope], str | None] | None = scope_reader(self.key)
         self.methods: frozenset[str] | None = None
         if methods is not None:
             if isinstance(methods, str):
@@ -140,8 +138,9 @@ class Rule:
             self.static = self.compile_limits(limits)
         #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request.
         self.from_scope: tuple[Callable[[Scope], str | None], CompiledLimits, int] | None = None
-        if self.scope_key is not None and self.static is not None and isinstance(self.cost, int):
-            self.from_scope = (self.scope_key, self.static, self.cost)
+        scope_key = scope_reader(self.key)  # a built-in extractor reads the scope alone
+        if scope_key is not None and self.static is not None and isinstance(self.cost, int):
+            self.from_scope = (scope_key, self.static, self.cost)
 
     def __repr__(self) -> str:
         return f"Rule({self.path!r}, name={self.name!r})"

@@ -27,6 +27,7 @@ __all__ = [
     "HEADER_NAMES",
     "HeaderMode",
     "concurrency_item",
+    "one_limit_headers",
     "policy_item",
     "rate_limit_headers",
     "retry_after_seconds",
@@ -99,24 +100,15 @@ def rate_limit_headers(
     mode: HeaderMode,
     denied: bool,
     policy_header: bytes | None = None,
-    state_format: bytes | None = None,
 ) -> list[tuple[bytes, bytes]]:
     """The raw ASGI headers for one response.
 
     ``policy_items[i]`` (a preformatted RateLimit-Policy item) and ``item_names[i]`` (its
     String-formatted name) describe ``decisions[i]``; ``policy_header``, when given, is the
-    RateLimit-Policy value those items make, joined and encoded ahead of time, and ``state_format``,
-    for a single decision, its RateLimit value as a bytes %-format of (remaining, t).
+    RateLimit-Policy value those items make, joined and encoded ahead of time.
     """
     if not decisions:
         return []
-    if state_format is not None and policy_header is not None and mode == "ietf" and not denied and len(decisions) == 1:
-        # The common case (one limit allowed the request, default headers) without the general steps.
-        decision = decisions[0]
-        return [
-            (b"ratelimit-policy", policy_header),
-            (b"ratelimit", state_format % (decision.remaining, _t_seconds(decision))),
-        ]
     headers: list[tuple[bytes, bytes]] = []
     if mode == "ietf" or mode == "both":
         if policy_header is None:
@@ -135,6 +127,17 @@ def rate_limit_headers(
         wait = max(retry_after_seconds(d) for d in decisions if not d.allowed)
         headers.append((b"retry-after", str(wait).encode()))
     return headers
+
+
+def one_limit_headers(policy_header: bytes, state_format: bytes, decision: Decision) -> list[tuple[bytes, bytes]]:
+    """What ``rate_limit_headers`` gives one decision in the "ietf" mode; the decision allowed the request.
+
+    The usual response, built from its rule's prepared values: ``policy_header``, the RateLimit-Policy
+    value, and ``state_format``, the RateLimit value as a bytes %-format of (remaining, t).
+    """
+    _, limit, remaining, _, reset_after, _ = decision
+    t = 0 if remaining >= limit else math.ceil(reset_after)  # _t_seconds() of an allowed decision, without a call
+    return [(b"ratelimit-policy", policy_header), (b"ratelimit", state_format % (remaining, t))]
 
 
 def _tightest(decisions: Sequence[Decision]) -> Decision:

@@ -462,20 +462,9 @@ class Limiter:
 
     # -- counting outcomes -----------------------------------------------------------------
 
-    def count_decisions(
-        self, spans: Sequence[Span], decisions: Sequence[Decision], dry_run: bool, denied: bool = True
-    ) -> None:
-        """Count each applied rule's result (allowed, denied or dry_run_denied) and log denials at DEBUG.
-
-        ``denied=False`` says that every decision allowed, which the caller knows already.
-        """
+    def count_decisions(self, spans: Sequence[Span], decisions: Sequence[Decision], dry_run: bool) -> None:
+        """Count each applied rule's result (allowed, denied or dry_run_denied) and log denials at DEBUG."""
         metrics = self.metrics
-        if not denied:
-            if metrics is not None:
-                counts = metrics.decisions.allowed  # counted here directly: nearly every request comes this way
-                for name, _, _ in spans:
-                    counts[name] = counts.get(name, 0) + 1
-            return
         start = 0
         for name, identity, size in spans:
             end = start + size

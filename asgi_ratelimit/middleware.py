@@ -21,7 +21,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
-from .headers import HEADER_NAMES, HeaderMode, check_mode, rate_limit_headers, retry_after_seconds
+from .headers import (
+    HEADER_NAMES,
+    HeaderMode,
+    check_mode,
+    one_limit_headers,
+    rate_limit_headers,
+    retry_after_seconds,
+)
 from .health import OperationsApp
 from .limiter import Limiter, Span
 from .policies import Decision
@@ -32,9 +39,6 @@ __all__ = ["RateLimitMiddleware"]
 OnLimited = Callable[[HTTPConnection, Sequence[Decision]], Awaitable[ASGIApp] | ASGIApp]
 ExemptPredicate = Callable[[HTTPConnection], bool | Awaitable[bool]]
 Exempt = Iterable[str] | ExemptPredicate
-
-# Separates the rule's name from the extracted key in the identity the backend hashes.
-_SEPARATOR = "\x1f"
 
 
 def route_path(scope: Scope) -> str:
@@ -108,12 +112,15 @@ class RateLimitMiddleware:
             deny_cache=deny_cache,
         )
         self._in_process = self.limiter.in_process  # read once: every request asks
+        # rule name -> allowed decisions, the metric nearly every request adds to (None: metrics are off).
+        self._allowed_counts = None if self.limiter.metrics is None else self.limiter.metrics.decisions.allowed
         self._operations: OperationsApp | None = None
         if metrics_path is not None or health_path is not None:
             self._operations = OperationsApp(
                 self.limiter, registry=self.registry, metrics_path=metrics_path, health_path=health_path
             )
         self.header_mode = check_mode(headers)
+        self._ietf = self.header_mode == "ietf"  # the default, whose usual response has prepared headers
         self.dry_run = bool(dry_run)
         self.on_limited = on_limited
         if not isinstance(fail_open, bool):
@@ -173,46 +180,68 @@ class RateLimitMiddleware:
                 await self.app(scope, receive, send)
                 return
 
-        hits: list[Hit] = []
-        spans: list[Span] = []  # (rule name, identity, number of hits) for metrics and logs
-        policy_items: tuple[str, ...] = ()
-        item_names: tuple[str, ...] = ()
-        fail_open = True  # the request fails open only when every applied rule does
         slots: list[tuple[str, str, CompiledLimits]] | None = None  # (rule name, identity, limits) with a Concurrency
-        policy_header: bytes | None = None
-        state_format: bytes | None = None
-        for rule in matched:
-            if rule.from_scope is not None:  # a built-in extractor, static limits, a whole-number cost
-                scope_key, limits, cost = rule.from_scope
-                value = scope_key(scope)
-                if value is None:
-                    continue  # the rule does not apply to this request
-            else:
-                if request is None:
-                    request = _connection(scope, receive)
-                found = rule.key(request)
-                if found.__class__ is not str and inspect.isawaitable(found):  # the common case costs one check
-                    found = await found
-                if found is None:
-                    continue
-                value = found
-                limits = rule.limits_for(request)
-                cost = rule.cost_for(request)
-            identity = rule.name + _SEPARATOR + value
+        rule = matched[0]
+        if len(matched) == 1 and rule.from_scope is not None:
+            # The usual request: one rule that reads its key from the scope.  Its hits and header parts
+            # come straight from the compiled rule, without the general loop's bookkeeping.
+            scope_key, limits, cost = rule.from_scope
+            value = scope_key(scope)
+            if value is None:
+                await self.app(scope, receive, send)
+                return
+            identity = rule.identities.get(value) or rule.identity(value)  # no call for a key seen lately
+            hits: list[Hit] = []
             for policy in limits.policies:
                 hits.append((identity, policy, cost))
-            spans.append((rule.name, identity, len(limits.policies)))
-            policy_items += limits.policy_items
-            item_names += limits.item_names
-            # One rule's RateLimit-Policy value is joined ahead of time; several rules' are joined per request.
-            policy_header = limits.policy_header if len(spans) == 1 else None
-            state_format = limits.state_format if len(spans) == 1 else None
+            spans: list[Span] = [(rule.name, identity, len(limits.policies))]
+            policy_items = limits.policy_items
+            item_names = limits.item_names
+            policy_header: bytes | None = limits.policy_header
+            state_format = limits.state_format
             if limits.concurrency is not None:
-                if slots is None:
-                    slots = []
-                slots.append((rule.name, identity, limits))
-            if not (self.fail_open if rule.fail_open is None else rule.fail_open):
-                fail_open = False
+                slots = [(rule.name, identity, limits)]
+            fail_open = self.fail_open if rule.fail_open is None else rule.fail_open
+        else:
+            hits = []
+            spans = []  # (rule name, identity, number of hits) for metrics and logs
+            policy_items = ()
+            item_names = ()
+            fail_open = True  # the request fails open only when every applied rule does
+            policy_header = None
+            state_format = None
+            for rule in matched:
+                if rule.from_scope is not None:  # a built-in extractor, static limits, a whole-number cost
+                    scope_key, limits, cost = rule.from_scope
+                    value = scope_key(scope)
+                    if value is None:
+                        continue  # the rule does not apply to this request
+                else:
+                    if request is None:
+                        request = _connection(scope, receive)
+                    found = rule.key(request)
+                    if found.__class__ is not str and inspect.isawaitable(found):  # the common case costs one check
+                        found = await found
+                    if found is None:
+                        continue
+                    value = found
+                    limits = rule.limits_for(request)
+                    cost = rule.cost_for(request)
+                identity = rule.identity(value)
+                for policy in limits.policies:
+                    hits.append((identity, policy, cost))
+                spans.append((rule.name, identity, len(limits.policies)))
+                policy_items += limits.policy_items
+                item_names += limits.item_names
+                # One rule's RateLimit-Policy value is joined ahead of time; several rules' are joined per request.
+                policy_header = limits.policy_header if len(spans) == 1 else None
+                state_format = limits.state_format if len(spans) == 1 else None
+                if limits.concurrency is not None:
+                    if slots is None:
+                        slots = []
+                    slots.append((rule.name, identity, limits))
+                if not (self.fail_open if rule.fail_open is None else rule.fail_open):
+                    fail_open = False
         if not hits and not slots:
             await self.app(scope, receive, send)
             return
@@ -237,7 +266,12 @@ class RateLimitMiddleware:
             if not decision.allowed:
                 denied = True
                 break
-        self.limiter.count_decisions(spans, decisions, self.dry_run, denied)
+        if denied:
+            self.limiter.count_decisions(spans, decisions, self.dry_run)
+        elif self._allowed_counts is not None:  # counted here, not in a call: nearly every request comes this way
+            counts = self._allowed_counts
+            for name, _, _ in spans:
+                counts[name] = counts.get(name, 0) + 1
         if denied and not self.dry_run:
             headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
             await self._deny(scope, receive, send, request, decisions, item_names, headers)
@@ -248,15 +282,12 @@ class RateLimitMiddleware:
             )
             return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
-        headers = rate_limit_headers(
-            decisions,
-            policy_items,
-            item_names,
-            self.header_mode,
-            denied=False,
-            policy_header=policy_header,
-            state_format=state_format,
-        )
+        if state_format is not None and policy_header is not None and not denied and self._ietf:
+            headers = one_limit_headers(policy_header, state_format, decisions[0])  # the usual response
+        else:
+            headers = rate_limit_headers(
+                decisions, policy_items, item_names, self.header_mode, denied=False, policy_header=policy_header
+            )
         if not headers:
             await self.app(scope, receive, send)
             return
@@ -469,7 +500,10 @@ def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
                     present = {name.lower() for name, _ in existing}
                     extra = [header for header in headers if header[0] not in present]
                     break
-            message = {**message, "headers": [*existing, *extra]}
+            # A copy: the app may send the same message again.  ASGI messages are dicts, and copying one
+            # costs less than unpacking it into a new one.
+            message = message.copy()  # type: ignore[attr-defined]
+            message["headers"] = [*existing, *extra]
         return send(message)
 
     return send_with_headers

@@ -29,6 +29,10 @@ DynamicLimits = Callable[[HTTPConnection], Limits]
 KeyFunc = Callable[[HTTPConnection], Union[str, Awaitable[Union[str, None]], None]]  # noqa: UP007
 CostFunc = Callable[[HTTPConnection], int]
 
+# Separates the rule's name from the extracted key in the identity the backend hashes.
+IDENTITY_SEPARATOR = "\x1f"
+# Identities a rule remembers (see Rule.identity): beyond this many keys, it starts over.
+_IDENTITIES_KEPT = 10_000
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
@@ -137,6 +141,8 @@ class Rule:
         else:
             self.static = self.compile_limits(limits)
         #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request.
+        #: key -> identity, for the keys seen lately (see identity()).
+        self.identities: dict[str, str] = {}
         self.from_scope: tuple[Callable[[Scope], str | None], CompiledLimits, int] | None = None
         scope_key = scope_reader(self.key)  # a built-in extractor reads the scope alone
         if scope_key is not None and self.static is not None and isinstance(self.cost, int):
@@ -144,6 +150,19 @@ class Rule:
 
     def __repr__(self) -> str:
         return f"Rule({self.path!r}, name={self.name!r})"
+
+    def identity(self, key: str) -> str:
+        """What the backend counts ``key`` under for this rule: two rules never share a key's counts.
+
+        Remembered per key (up to _IDENTITIES_KEPT of them): a client's next request finds the same
+        string, whose hash Python has already computed, instead of joining and hashing a new one.
+        """
+        identity = self.identities.get(key)
+        if identity is None:
+            if len(self.identities) >= _IDENTITIES_KEPT:
+                self.identities.clear()
+            identity = self.identities[key] = self.name + IDENTITY_SEPARATOR + key
+        return identity
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this rule applies to a request of ``method`` on ``path``."""

@@ -35,7 +35,7 @@ from test_uvicorn import closing, serve
 
 from asgi_ratelimit import GCRA, ClientIP, FixedWindow, Header, RateLimitMiddleware, RedisBackend, Rule, SlidingWindow
 from asgi_ratelimit._keys import digest, state_key
-from asgi_ratelimit.middleware import _SEPARATOR
+from asgi_ratelimit.rules import IDENTITY_SEPARATOR
 
 pytestmark = [
     pytest.mark.redis,
@@ -285,7 +285,7 @@ async def test_a_killed_primary_fails_open_then_decisions_resume(own_cluster: Re
 
     def slot_of(value: str) -> int:
         [policy] = rule.limits_for(None).policies
-        return key_slot(state_key(key_prefix, digest("key" + _SEPARATOR + value), policy).encode())
+        return key_slot(state_key(key_prefix, digest("key" + IDENTITY_SEPARATOR + value), policy).encode())
 
     values = [f"client-{i}" for i in range(IDENTITIES)]
     victim = own_cluster.primary_for_slot(slot_of(values[0]))

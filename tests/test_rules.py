@@ -12,7 +12,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 
 from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, SlidingWindow, TokenBucket, rate_limit
-from asgi_ratelimit.rules import ROUTE_MARKER, Rule
+from asgi_ratelimit.rules import _IDENTITIES_KEPT, IDENTITY_SEPARATOR, ROUTE_MARKER, Rule
 
 
 def key(request: HTTPConnection) -> str | None:
@@ -215,3 +215,21 @@ def test_a_template_without_parameters_matches_exactly_what_starlettes_regex_mat
     assert rule.exact_path == template
     assert rule.matches("GET", path) == (compile_path(template)[0].match(path) is not None)
     assert rule.matches("GET", template + "\n")
+
+
+def test_an_identity_joins_the_rules_name_and_the_key_and_is_remembered() -> None:
+    rule = Rule("/", "5/minute", name="login")
+    first = rule.identity("203.0.113.7")
+    assert first == "login" + IDENTITY_SEPARATOR + "203.0.113.7"
+    # Two rules with one key never share counts.
+    assert Rule("/", "5/minute", name="api").identity("203.0.113.7") != first
+    assert rule.identity("203.0.113.7") is first  # the same string again, not a new one
+    assert rule.identities["203.0.113.7"] is first
+
+
+def test_a_rule_remembers_a_bounded_number_of_identities() -> None:
+    rule = Rule("/", "5/minute", name="r")
+    for number in range(3 * _IDENTITIES_KEPT):
+        assert rule.identity(f"k{number}") == f"r{IDENTITY_SEPARATOR}k{number}"
+        assert len(rule.identities) <= _IDENTITIES_KEPT
+    assert len(rule.identities) > 0

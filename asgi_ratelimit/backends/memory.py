@@ -142,16 +142,17 @@ class MemoryBackend:
 
     def decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """The synchronous core of hit_many: atomic because it never awaits."""
-        check_hits(hits)
         now = time.time_ns() // 1000 if self._system_clock else self._clock()  # as system_clock_us()
         if len(hits) == 1:  # the common case: one policy decides and writes in one step
             identity, policy, cost = hits[0]
-            allowed, retry, remaining, reset = _ALGORITHMS[policy.code](
-                self, self._key(identity, policy), now, cost, policy, True
-            )
+            if cost.__class__ is not int or cost < 1:  # a bool's class is bool: refused too
+                check_hits(hits)  # raises, naming the bad cost
+            key = self._keys.get((identity, policy.key_suffix)) or self._key(identity, policy)  # no call when known
+            allowed, retry, remaining, reset = _ALGORITHMS[policy.code](self, key, now, cost, policy, True)
             return [decision_from_reply(policy, allowed, retry, remaining, reset)]
         # Several policies: all are decided before any is written, as in hit.lua, so a denied hit
         # takes from none of them.  Nothing changes in between, so the committing pass allows too.
+        check_hits(hits)
         keys = [self._key(identity, policy) for identity, policy, _ in hits]
         replies = [
             _ALGORITHMS[policy.code](self, key, now, cost, policy, False)
@@ -184,10 +185,10 @@ class MemoryBackend:
             return None
         return entry[1]
 
-    def _set(self, key: str, state: Any, now: int, ttl_from_now_us: float) -> None:
+    def _set(self, key: str, state: Any, now: int, ttl_from_now_us: int) -> None:
         store = self._store
-        # The TTL hit.lua sets: whole milliseconds, rounded up, at least 1.
-        ttl_ms = math.ceil(ttl_from_now_us / 1000)
+        # The TTL hit.lua sets: whole milliseconds, rounded up (in integers: no float division), at least 1.
+        ttl_ms = -(-ttl_from_now_us // 1000)
         store[key] = (now + (ttl_ms if ttl_ms > 1 else 1) * 1000, state)
         # The front holds the least recently written.
         store.move_to_end(key)

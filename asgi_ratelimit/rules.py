@@ -140,9 +140,9 @@ class Rule:
             self.dynamic = limits
         else:
             self.static = self.compile_limits(limits)
-        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request.
         #: key -> identity, for the keys seen lately (see identity()).
         self.identities: dict[str, str] = {}
+        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request.
         self.from_scope: tuple[Callable[[Scope], str | None], CompiledLimits, int] | None = None
         scope_key = scope_reader(self.key)  # a built-in extractor reads the scope alone
         if scope_key is not None and self.static is not None and isinstance(self.cost, int):

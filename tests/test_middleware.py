@@ -42,6 +42,7 @@ from asgi_ratelimit import (
     RateLimitMiddleware,
     RedisBackend,
     Rule,
+    TokenBucket,
     rate_limit,
 )
 from asgi_ratelimit.backends.base import Hit
@@ -545,6 +546,22 @@ class TestOptions:
             assert "retry-after" not in response.headers  # never on a 2xx
         # Over the limit, t still says when the request would have passed.
         assert 1 <= state_of(responses[3])["u"]["t"] <= 60
+
+    async def test_dry_run_over_the_limit_reports_the_wait_with_a_built_in_key(
+        self, app_kind: str, mw_backend: Backend
+    ) -> None:
+        # A built-in extractor and the default headers: the request takes the one-rule path, whose prepared
+        # headers are for allowed requests only; a dry-run denial must still say when it would have passed.
+        # A token bucket tells the two apart: one token is back in 10 s (the wait), both in 20 s (full again).
+        rules = [Rule("/users/{id}", TokenBucket(capacity=2, refill_rate=0.1), key=Header("x-user"), name="u")]
+        app = build_app(app_kind, rules=rules, backend=mw_backend, dry_run=True)
+        async with client_for(app) as client:
+            responses = [await client.get("/users/1", headers={"x-user": "a"}) for _ in range(3)]
+        assert [r.status_code for r in responses] == [200] * 3
+        assert [state_of(r)["u"]["r"] for r in responses] == [1, 0, 0]
+        assert state_of(responses[1])["u"]["t"] == 20  # allowed: until the bucket is full again
+        assert state_of(responses[2])["u"]["t"] == 10  # denied in the dry run: until it could pass
+        assert "retry-after" not in responses[2].headers
 
     async def test_dry_run_decisions_match_a_real_run(self, mw_backend: Backend, key_prefix: str) -> None:
         rules = [Rule("/users/{id}", "2/minute", key=by_user, name="u")]

@@ -628,6 +628,22 @@ class TestOptions:
         assert response.headers["content-type"] == "application/problem+json"
         assert response.headers["cache-control"] == "no-store"
 
+    @pytest.mark.parametrize("key", [Header("x-user"), by_user], ids=["built-in key", "callable key"])
+    @pytest.mark.parametrize(("middleware_open", "rule_open", "status"), [(True, False, 503), (False, True, 200)])
+    async def test_a_rules_fail_open_overrides_the_middlewares(
+        self, key: Any, middleware_open: bool, rule_open: bool, status: int
+    ) -> None:
+        # Both the one-rule path (a built-in key) and the general one (a callable key) honour the rule's setting.
+        app = build_app(
+            "starlette",
+            rules=[Rule("/users/{id}", "1/minute", key=key, fail_open=rule_open)],
+            backend=BrokenBackend(),
+            fail_open=middleware_open,
+        )
+        async with client_for(app) as client:
+            response = await client.get("/users/1", headers={"x-user": "a"})
+        assert response.status_code == status
+
 
 # -- header modes --------------------------------------------------------------------------------
 

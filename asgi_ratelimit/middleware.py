@@ -317,7 +317,7 @@ class RateLimitMiddleware:
                 self.limiter.count_failure([(name, identity, 1)], fail_open)
                 if fail_open:
                     continue  # run without this slot, as a failed-open rate limit would
-                self._release_later(taken)
+                await self._release(taken)
                 await self._unavailable(scope, receive, send)
                 return
             in_use = slot.in_use if slot.acquired else limit.limit
@@ -336,28 +336,55 @@ class RateLimitMiddleware:
             if slot.acquired:
                 taken.append((identity, slot.token))
             elif not self.dry_run:
-                self._release_later(taken)
+                await self._release(taken)
                 headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
                 await self._deny(scope, receive, send, request, decisions, item_names, headers)
                 return
         headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=False)
+        inner = _with_headers(send, headers) if headers else send
+        if not taken:
+            await self.app(scope, receive, inner)
+            return
+        released = False
+
+        async def send_then_release(message: Message) -> None:
+            # A server starts the connection's next request as soon as this response is complete,
+            # before this call returns: the slot is given back just before the last body part goes
+            # out, so a client that sends its next request on the answer finds it free.
+            nonlocal released
+            if not released and message["type"] == "http.response.body" and not message.get("more_body", False):
+                released = True
+                await self._release(taken)
+            await inner(message)
+
         try:
-            await self.app(scope, receive, _with_headers(send, headers) if headers else send)
+            await self.app(scope, receive, send_then_release if scope["type"] == "http" else inner)
         finally:
-            # Released whatever way the app ended: a response, an exception, a client gone away.
-            self._release_later(taken)
+            # Whatever way the app ended without a complete response (an exception, a client gone
+            # away, a websocket closing): released before this call returns.
+            if not released:
+                await self._release(taken)
 
-    def _release_later(self, taken: list[tuple[str, str]]) -> None:
-        """Give slots back in the background: a cancelled request cannot stop it, and no response waits on it."""
+    async def _release(self, taken: list[tuple[str, str]]) -> None:
+        """Give slots back, awaited; a cancelled request still gives them back before its cancellation goes on."""
+        if self._in_process:
+            await self._release_all(taken)  # never suspends: nothing can cancel it half-way
+            return
+        task = asyncio.get_running_loop().create_task(self._release_all(taken))
+        self._releasing.add(task)
+        task.add_done_callback(self._releasing.discard)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The release is bounded by the limiter's budget: wait for it, then let the cancellation through.
+            await asyncio.wait([task])
+            raise
+
+    async def _release_all(self, taken: list[tuple[str, str]]) -> None:
         for identity, token in taken:
-            task = asyncio.get_running_loop().create_task(self._release(identity, token))
-            self._releasing.add(task)
-            task.add_done_callback(self._releasing.discard)
-
-    async def _release(self, identity: str, token: str) -> None:
-        # A failed release is harmless: the slot expires on its own after the Concurrency timeout.
-        with contextlib.suppress(BackendError):
-            await self.limiter.release(identity, token)
+            # A failed release is harmless: the slot expires on its own after the Concurrency timeout.
+            with contextlib.suppress(BackendError):
+                await self.limiter.release(identity, token)
 
     # -- responses ---------------------------------------------------------------------
 

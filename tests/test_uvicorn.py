@@ -19,6 +19,7 @@ import urllib3
 import uvicorn
 from conftest import free_port
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
@@ -28,7 +29,7 @@ from starlette.websockets import WebSocket
 from test_middleware import assert_problem_429, policies_of, state_of
 from urllib3.util.retry import Retry
 
-from asgi_ratelimit import Backend, MemoryBackend, RateLimitMiddleware, RedisBackend, Rule, rate_limit
+from asgi_ratelimit import Backend, Concurrency, MemoryBackend, RateLimitMiddleware, RedisBackend, Rule, rate_limit
 
 STOP_TIMEOUT = 10
 
@@ -245,3 +246,23 @@ def test_a_client_honouring_retry_after_gets_through(make_backend: Callable[[], 
     assert len(RecordingRetry.waits) == 1
     assert RecordingRetry.waits[0] in (1, 2)
     assert calls == ["/slow", "/slow"]
+
+
+def test_a_sequential_client_keeps_getting_its_one_concurrency_slot(make_backend: Callable[[], Backend]) -> None:
+    """Concurrency(1): each request starts after the previous answer arrived, so none may be refused."""
+
+    async def work(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("done")
+
+    backend = make_backend()
+    app = Starlette(routes=[Route("/work", work)], lifespan=closing(backend))
+    app.add_middleware(
+        RateLimitMiddleware,
+        backend=backend,
+        rules=[Rule("/work", Concurrency(1, timeout=30), key=lambda request: "tenant", name="work")],
+        timeout=2.0,
+        registry=CollectorRegistry(),
+    )
+    with serve(app) as base, httpx.Client(base_url=base) as client:
+        statuses = [client.get("/work").status_code for _ in range(100)]
+    assert statuses == [200] * 100

@@ -25,11 +25,12 @@ from redis import exceptions as redis_errors
 
 from ._deny_cache import DenyCache
 from ._keys import digest
-from .backends.base import Backend, Hit, Slot
+from ._releases import PendingReleases
+from .backends.base import Backend, Claim, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
-from .metrics import ErrorKind, LimiterMetrics, Result, metrics_for
-from .policies import Concurrency, Decision
+from .metrics import ErrorKind, LimiterMetrics, ReleaseResult, Result, metrics_for
+from .policies import Decision
 
 __all__ = ["Limiter", "error_kind"]
 
@@ -147,6 +148,13 @@ class Limiter:
         self._decide_now: Callable[[Sequence[Hit]], list[Decision]] | None = (
             backend.decide if type(backend) is MemoryBackend else None
         )
+        self._decide_slots_now: Callable[[Sequence[Hit], Sequence[Claim], str], list[Decision]] | None = (
+            backend.decide_with_slots if type(backend) is MemoryBackend else None
+        )
+        #: Slot releases that did not get through within the budget, retried until their lease ends.
+        self.releases = PendingReleases(
+            backend, clock=clock, log_interval=self.log_interval, on_result=self._count_release
+        )
         if isinstance(deny_cache_size, bool) or not isinstance(deny_cache_size, int) or deny_cache_size < 1:
             raise ConfigurationError(f"deny_cache_size must be a whole number of at least 1, got {deny_cache_size!r}.")
         self.deny_cache: DenyCache | None = (
@@ -169,6 +177,10 @@ class Limiter:
         self._last_log = -math.inf
         if self.metrics is not None:
             self.metrics.breaker_state.set(0)
+
+    def _count_release(self, result: ReleaseResult) -> None:
+        if self.metrics is not None:
+            self.metrics.release_retries[result].inc()
 
     @property
     def state(self) -> BreakerState:
@@ -199,13 +211,41 @@ class Limiter:
             cache.put(signature, decisions, sent_at)
         return decisions
 
-    async def acquire(self, key: str, limit: Concurrency) -> Slot:
-        """Take a concurrency slot, within the same budget and behind the same breaker as decide()."""
-        return await self._guarded(self.backend.acquire, key, limit)
+    async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+        """Decide ``hits`` and take the claimed slots in one backend call, within the budget, behind the breaker.
 
-    async def release(self, key: str, token: str) -> None:
-        """Give a concurrency slot back; a failure only means the slot expires on its own later."""
-        await self._guarded(self.backend.release, key, token)
+        One Decision per hit, then one per claim.  When the call fails, is abandoned or is cancelled
+        after it may have been sent, its slots are released in the background, as a late acquire
+        would otherwise hold them for the whole lease.
+        """
+        if self._decide_slots_now is not None:
+            return self._decide_in_process(self._decide_slots_now, hits, claims, token)
+        try:
+            return await self._guarded(self.backend.acquire, hits, claims, token)
+        except _BreakerOpen:
+            raise  # nothing was sent
+        except BaseException:
+            self.releases.add(claims, token)
+            raise
+
+    async def release(self, claims: Sequence[Claim], token: str) -> None:
+        """Give slots back: tried within the budget, not through the breaker, then retried within the lease.
+
+        Returns within the budget, or at once when cancelled; the release goes on in the background
+        until it succeeds or the lease has passed (the slot has expired by then).
+        """
+        if self._decide_slots_now is not None:
+            await self.backend.release(claims, token)  # MemoryBackend: decided at once, nothing to wait for
+            return
+        attempt = asyncio.get_running_loop().create_task(self.backend.release(claims, token))
+        try:
+            await asyncio.wait([attempt], timeout=self.timeout)
+        except asyncio.CancelledError:
+            self.releases.add(claims, token, attempt)
+            raise
+        if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
+            return
+        self.releases.add(claims, token, attempt if not attempt.done() else None)
 
     @property
     def in_process(self) -> bool:
@@ -219,9 +259,12 @@ class Limiter:
         request would add to the very path it has no reason to measure.
         """
         assert self._decide_now is not None
+        return self._decide_in_process(self._decide_now, hits)
+
+    def _decide_in_process(self, decide: Callable[..., list[Decision]], *args: Any) -> list[Decision]:
         probe = self._state is not CLOSED and self._admit()  # _admit raises _BreakerOpen unless this is the probe
         try:
-            result = self._decide_now(hits)
+            result = decide(*args)
         except Exception as exc:
             self._raise_failure(exc, probe, None)
         if self._failures or probe or self._failing_since is not None:

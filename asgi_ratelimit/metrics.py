@@ -27,18 +27,23 @@ from prometheus_client.utils import floatToGoString
 __all__ = [
     "BREAKER_STATES",
     "ERROR_KINDS",
+    "RELEASE_RESULTS",
     "RESULTS",
     "ErrorKind",
     "LimiterMetrics",
+    "ReleaseResult",
     "Result",
     "metrics_for",
 ]
 
 Result = Literal["allowed", "denied", "dry_run_denied", "failed_open", "failed_closed"]
 ErrorKind = Literal["timeout", "connection", "script", "breaker_open", "other"]
+ReleaseResult = Literal["released", "expired", "dropped"]
 
 RESULTS: Final[tuple[Result, ...]] = ("allowed", "denied", "dry_run_denied", "failed_open", "failed_closed")
 ERROR_KINDS: Final[tuple[ErrorKind, ...]] = ("timeout", "connection", "script", "breaker_open", "other")
+#: How a slot release that did not get through within the budget ended.
+RELEASE_RESULTS: Final[tuple[ReleaseResult, ...]] = ("released", "expired", "dropped")
 #: Values of asgi_ratelimit_breaker_state.
 BREAKER_STATES: Final[dict[str, int]] = {"closed": 0, "open": 1, "half_open": 2}
 
@@ -150,6 +155,14 @@ class LimiterMetrics:
         )
         # Every kind is exported from the start, so rate() and absent() work before the first error.
         self.errors = {kind: self.backend_errors.labels(kind) for kind in ERROR_KINDS}
+        self.slot_release_retries = Counter(
+            "asgi_ratelimit_slot_release_retries",
+            "Concurrency slot releases that did not get through within the time budget and were retried, by how "
+            "they ended: released, expired (given up at the end of the lease) or dropped (too many pending).",
+            ["result"],
+            registry=registry,
+        )
+        self.release_retries = {result: self.slot_release_retries.labels(result) for result in RELEASE_RESULTS}
         #: count(rule, result): count one decision of ``rule`` (the counter's own method: one call less per request).
         self.count = self.decisions.count
 

@@ -7,8 +7,6 @@ app run, adding the headers to ``http.response.start`` as it passes (bodies stre
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -18,7 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .backends.base import Backend, Hit
+from .backends.base import Backend, Claim, Hit, new_token
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .headers import (
@@ -140,7 +138,6 @@ class RateLimitMiddleware:
                 raise ConfigurationError(f"exempt must be a list of paths or a predicate, got {exempt!r}.")
             self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
         self._routes_loaded = False
-        self._releasing: set[asyncio.Task[None]] = set()  # slot releases under way (kept from the GC)
         self._deny_bodies: dict[tuple[tuple[str, ...], int, bool], bytes] = {}  # 429 bodies already built
 
     def _add_rule(self, rule: Rule) -> None:
@@ -245,11 +242,15 @@ class RateLimitMiddleware:
         if not hits and not slots:
             await self.app(scope, receive, send)
             return
+        if slots:
+            # The rate limits and the slots are decided together, in one backend call.
+            await self._run_with_slots(
+                scope, receive, send, request, hits, spans, slots, policy_items, item_names, fail_open
+            )
+            return
 
         try:
-            if not hits:
-                decisions = []
-            elif self._in_process:
+            if self._in_process:
                 decisions = self.limiter.decide_in_process(hits)
             else:
                 decisions = await self.limiter.decide(hits)
@@ -276,11 +277,6 @@ class RateLimitMiddleware:
             headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
             await self._deny(scope, receive, send, request, decisions, item_names, headers)
             return
-        if slots:
-            await self._run_with_slots(
-                scope, receive, send, request, slots, decisions, policy_items, item_names, fail_open
-            )
-            return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
         if state_format is not None and policy_header is not None and not denied and self._ietf:
             headers = one_limit_headers(policy_header, state_format, decisions[0])  # the usual response
@@ -299,50 +295,55 @@ class RateLimitMiddleware:
         receive: Receive,
         send: Send,
         request: HTTPConnection | None,
+        hits: list[Hit],
+        spans: list[Span],
         slots: list[tuple[str, str, CompiledLimits]],
-        decisions: list[Decision],
         policy_items: tuple[str, ...],
         item_names: tuple[str, ...],
         fail_open: bool,
     ) -> None:
-        """Take a concurrency slot per rule that has one, run the app, and give the slots back when it ends."""
-        taken: list[tuple[str, str]] = []  # (identity, token)
-        decisions = list(decisions)
-        for name, identity, limits in slots:
-            limit = limits.concurrency
-            assert limit is not None
-            try:
-                slot = await self.limiter.acquire(identity, limit)
-            except BackendError:
-                self.limiter.count_failure([(name, identity, 1)], fail_open)
-                if fail_open:
-                    continue  # run without this slot, as a failed-open rate limit would
-                await self._release(taken)
-                await self._unavailable(scope, receive, send)
-                return
-            in_use = slot.in_use if slot.acquired else limit.limit
-            decision = Decision(
-                allowed=slot.acquired,
-                limit=limit.limit,
-                remaining=max(0, limit.limit - in_use),
-                # A slot frees when some request in flight ends: suggest trying again shortly.
-                retry_after=0.0 if slot.acquired else 1.0,
-                reset_after=0.0,
-            )
-            self.limiter.count_decisions([(name, identity, 1)], [decision], self.dry_run)
-            decisions.append(decision)
+        """Decide the rate limits and take the slots in one atomic call, run the app, give the slots back.
+
+        All or nothing: a request refused by any limit, rate or concurrency, takes from none of them.
+        """
+        claims: list[Claim] = []
+        for _, identity, limits in slots:
+            assert limits.concurrency is not None
+            claims.append((identity, limits.concurrency))
             policy_items += (limits.concurrency_item,)
             item_names += (limits.concurrency_name,)
-            if slot.acquired:
-                taken.append((identity, slot.token))
-            elif not self.dry_run:
-                await self._release(taken)
-                headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
-                await self._deny(scope, receive, send, request, decisions, item_names, headers)
-                return
+        token = new_token()
+        try:
+            decisions = await self.limiter.acquire(hits, claims, token)
+        except BackendError:
+            # The limiter releases whatever the call may still take in Redis.
+            self.limiter.count_failure(spans, fail_open)
+            if fail_open:
+                await self.app(scope, receive, send)  # run without the slots, as a failed-open rate limit would
+            else:
+                await self._unavailable(scope, receive, send)
+            return
+        # Each rule counted once, its slot with its rate limits: a span's decisions, then its slot's.
+        slot_of = {name: decisions[len(hits) + index] for index, (name, _, _) in enumerate(slots)}
+        counted: list[Decision] = []
+        counted_spans: list[Span] = []
+        start = 0
+        for name, identity, size in spans:
+            counted += decisions[start : start + size]
+            start += size
+            slot = slot_of.get(name)
+            if slot is not None:
+                counted.append(slot)
+            counted_spans.append((name, identity, size + (slot is not None)))
+        self.limiter.count_decisions(counted_spans, counted, self.dry_run)
+        taken = all(decision.allowed for decision in decisions)  # else nothing was taken, slots included
+        if not taken and not self.dry_run:
+            headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
+            await self._deny(scope, receive, send, request, decisions, item_names, headers)
+            return
         headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=False)
         inner = _with_headers(send, headers) if headers else send
-        if not taken:
+        if not taken:  # a dry run refused: it runs, holding no slot
             await self.app(scope, receive, inner)
             return
         released = False
@@ -354,37 +355,16 @@ class RateLimitMiddleware:
             nonlocal released
             if not released and message["type"] == "http.response.body" and not message.get("more_body", False):
                 released = True
-                await self._release(taken)
+                await self.limiter.release(claims, token)
             await inner(message)
 
         try:
             await self.app(scope, receive, send_then_release if scope["type"] == "http" else inner)
         finally:
             # Whatever way the app ended without a complete response (an exception, a client gone
-            # away, a websocket closing): released before this call returns.
+            # away, a websocket closing): released before this call returns, even when cancelled.
             if not released:
-                await self._release(taken)
-
-    async def _release(self, taken: list[tuple[str, str]]) -> None:
-        """Give slots back, awaited; a cancelled request still gives them back before its cancellation goes on."""
-        if self._in_process:
-            await self._release_all(taken)  # never suspends: nothing can cancel it half-way
-            return
-        task = asyncio.get_running_loop().create_task(self._release_all(taken))
-        self._releasing.add(task)
-        task.add_done_callback(self._releasing.discard)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            # The release is bounded by the limiter's budget: wait for it, then let the cancellation through.
-            await asyncio.wait([task])
-            raise
-
-    async def _release_all(self, taken: list[tuple[str, str]]) -> None:
-        for identity, token in taken:
-            # A failed release is harmless: the slot expires on its own after the Concurrency timeout.
-            with contextlib.suppress(BackendError):
-                await self.limiter.release(identity, token)
+                await self.limiter.release(claims, token)
 
     # -- responses ---------------------------------------------------------------------
 

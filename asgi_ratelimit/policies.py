@@ -39,6 +39,7 @@ SLIDING_WINDOW = 2
 GCRA_CODE = 3
 FIXED_WINDOW = 4
 SLIDING_WINDOW_COUNTER = 5
+CONCURRENCY = 6  # a concurrency slot, decided in the same script call as the rate limits
 
 
 class Decision(NamedTuple):
@@ -256,13 +257,16 @@ class SlidingWindowCounter(Policy):
 class Concurrency:
     """At most ``limit`` requests in flight per key; a crashed process's slots expire after ``timeout`` seconds.
 
-    Not a rate policy: the middleware acquires a slot before the app runs and releases it
-    when the response ends.
+    Not a rate policy: the middleware takes a slot together with the rule's rate limits, in one
+    atomic step, before the app runs, and gives it back as the response ends.  ``timeout`` is the
+    lease: a slot nobody gives back (a crashed process, a backend that could not be reached) is
+    free again that many seconds after it was taken.
     """
 
     limit: int
     timeout: float
     algorithm: ClassVar[str] = "concurrency"
+    code: ClassVar[int] = CONCURRENCY
 
     def __post_init__(self) -> None:
         owner = f"Concurrency(limit={self.limit!r}, timeout={self.timeout!r})"

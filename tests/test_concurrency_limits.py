@@ -8,13 +8,23 @@ from typing import Any
 import http_sfv
 import httpx
 import pytest
+from conftest import RedisProcess
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from asgi_ratelimit import Concurrency, ConfigurationError, MemoryBackend, RateLimitMiddleware, RedisBackend, Rule
+from asgi_ratelimit import (
+    Concurrency,
+    ConfigurationError,
+    FixedWindow,
+    MemoryBackend,
+    RateLimitMiddleware,
+    RedisBackend,
+    Rule,
+    TokenBucket,
+)
 from asgi_ratelimit._keys import digest, slots_key
 
 SEPARATOR = "\x1f"  # between the rule's name and the key in the identity the backend hashes
@@ -155,21 +165,21 @@ async def test_a_slot_is_released_when_the_client_goes_away(backend: Any) -> Non
 
 
 async def test_a_crashed_process_slot_expires_after_the_timeout(backend: Any) -> None:
-    limit = Concurrency(1, timeout=0.2)
-    taken = await backend.acquire("work" + SEPARATOR + "tenant", limit)
-    assert taken.acquired
-    refused = await backend.acquire("work" + SEPARATOR + "tenant", limit)
-    assert not refused.acquired and refused.in_use == 1
+    claim = [("work" + SEPARATOR + "tenant", Concurrency(1, timeout=0.2))]
+    [taken] = await backend.acquire([], claim, "first")
+    assert taken.allowed and taken.remaining == 0
+    [refused] = await backend.acquire([], claim, "second")
+    assert not refused.allowed and refused.remaining == 0 and 0 < refused.retry_after <= 0.2
     await asyncio.sleep(0.3)  # the process that took the slot "crashed": nobody releases it
-    later = await backend.acquire("work" + SEPARATOR + "tenant", limit)
-    assert later.acquired and later.in_use == 1
+    [later] = await backend.acquire([], claim, "third")
+    assert later.allowed and later.remaining == 0
 
 
 @pytest.mark.redis
 async def test_the_slots_key_expires_in_redis(redis_url: str, key_prefix: str) -> None:
     backend = RedisBackend(Redis.from_url(redis_url), prefix=key_prefix)
     try:
-        await backend.acquire("someone", Concurrency(5, timeout=10))
+        await backend.acquire([], [("someone", Concurrency(5, timeout=10))], "a-token")
         ttl = await backend.client.pttl(slots_key(key_prefix, digest("someone")))
         assert 0 < ttl <= 10_000
     finally:
@@ -237,3 +247,121 @@ def http_scope() -> dict[str, Any]:
         "path": "/work", "raw_path": b"/work", "query_string": b"", "root_path": "",
         "headers": [(b"host", b"test")], "client": ("127.0.0.1", 5000), "server": ("test", 80),
     }  # fmt: skip
+
+
+async def test_a_request_refused_for_concurrency_spends_no_rate_limit(backend: Any) -> None:
+    gate = Gate()
+    app = build(gate, backend, ["3/minute", Concurrency(1, timeout=30)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        holder = asyncio.ensure_future(client.get("/work"))
+        await settle(lambda: _true_when(gate.inside == 1))
+        refused = [await client.get("/work") for _ in range(2)]
+        assert [r.status_code for r in refused] == [429, 429]
+        assert [state_of(r) for r in refused] == [{"work": 2, "work:concurrency": 0}] * 2
+        gate.open.set()
+        assert (await holder).status_code == 200
+        after = [await client.get("/work") for _ in range(3)]
+    # Three served in all, as the limit says: the two refused took nothing from it.
+    assert [r.status_code for r in after] == [200, 200, 429]
+    assert [state_of(r)["work"] for r in after] == [1, 0, 0]
+
+
+async def test_a_request_refused_by_a_rate_limit_takes_no_slot(backend: Any) -> None:
+    gate = Gate()
+    app = build(gate, backend, ["1/minute", Concurrency(2, timeout=30)])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        holder = asyncio.ensure_future(client.get("/work"))
+        await settle(lambda: _true_when(gate.inside == 1))
+        refused = await client.get("/work")
+        assert refused.status_code == 429
+        assert state_of(refused) == {"work": 0, "work:concurrency": 1}
+        assert await slots_in_use(backend, "work", "tenant") == 1
+        gate.open.set()
+        assert (await holder).status_code == 200
+    assert await slots_in_use(backend, "work", "tenant") == 0
+
+
+def state_of(response: httpx.Response) -> dict[str, int]:
+    """Each RateLimit item's remaining quota, by name."""
+    state = http_sfv.List()
+    state.parse(response.headers["ratelimit"].encode())
+    return {item.value: item.params["r"] for item in state}
+
+
+class TestOneCall:
+    """The rate limits and the slots are decided in one call, in memory and on Redis: all taken, or none."""
+
+    CLAIM = "rule" + SEPARATOR + "someone"
+
+    async def test_a_refused_slot_takes_nothing_from_the_rate_limits(self, backend: Any) -> None:
+        hits = [(self.CLAIM, FixedWindow(5, 60), 1), (self.CLAIM, TokenBucket(5, 1), 2)]
+        claim = [(self.CLAIM, Concurrency(1, timeout=30))]
+        first = await backend.acquire(hits, claim, "first")
+        assert [d.allowed for d in first] == [True, True, True]
+        assert [d.remaining for d in first] == [4, 3, 0]
+        for token in ("second", "third"):
+            refused = await backend.acquire(hits, claim, token)
+            assert [d.allowed for d in refused] == [True, True, False]
+            assert [d.remaining for d in refused] == [4, 3, 0]  # as they stand: nothing taken
+        await backend.release(claim, "first")
+        again = await backend.acquire(hits, claim, "fourth")
+        assert [d.remaining for d in again] == [3, 1, 0]
+
+    async def test_a_refused_rate_limit_takes_no_slot(self, backend: Any) -> None:
+        hits = [(self.CLAIM, FixedWindow(1, 60), 1)]
+        claim = [(self.CLAIM, Concurrency(3, timeout=30))]
+        assert [d.remaining for d in await backend.acquire(hits, claim, "first")] == [0, 2]
+        refused = await backend.acquire(hits, claim, "second")
+        assert [d.allowed for d in refused] == [False, True]
+        assert [d.remaining for d in refused] == [0, 2]
+        # Without the rate limit the slots show it: one in use, not two.
+        assert [d.remaining for d in await backend.acquire([], claim, "third")] == [1]
+
+    async def test_a_release_that_comes_first_bars_the_late_acquire(self, backend: Any) -> None:
+        hits = [(self.CLAIM, FixedWindow(5, 60), 1)]
+        claim = [(self.CLAIM, Concurrency(1, timeout=30))]
+        await backend.release(claim, "late")  # the request gave up; its acquire is still on its way
+        late = await backend.acquire(hits, claim, "late")
+        if isinstance(backend, MemoryBackend):
+            # In memory an acquire is decided when called: none can arrive late, and none is barred.
+            assert [d.allowed for d in late] == [True, True]
+            return
+        assert [d.allowed for d in late] == [True, False]
+        assert [d.remaining for d in late] == [5, 1]  # nothing taken
+        assert [d.allowed for d in await backend.acquire(hits, claim, "next")] == [True, True]
+
+
+@pytest.mark.redis
+async def test_a_request_with_a_slot_costs_one_round_trip_to_decide(redis_server: RedisProcess) -> None:
+    """Seen by Redis itself (MONITOR): one script call decides the rate limit and the slot, one gives it back."""
+    backend = RedisBackend.from_url(redis_server.url)
+    gate = Gate()
+    gate.open.set()
+    app = build(gate, backend, ["100/minute", Concurrency(2, timeout=30)])
+    watcher = Redis.from_url(redis_server.url)
+    admin = Redis.from_url(redis_server.url)
+    commands: list[str] = []
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            await client.get("/work")  # loads the scripts
+            before = backend.round_trips
+            async with watcher.monitor() as monitor:
+                await monitor.connect()
+                await admin.echo("start")
+                while (await monitor.next_command())["command"] != "ECHO start":
+                    pass
+                statuses = [(await client.get("/work")).status_code for _ in range(20)]
+                await admin.echo("end")
+                while True:
+                    seen = await monitor.next_command()
+                    if seen["command"] == "ECHO end":
+                        break
+                    if seen["client_type"] != "lua":  # a script's own commands are not round trips
+                        commands.append(seen["command"].split(" ", 1)[0])
+    finally:
+        await admin.aclose()
+        await watcher.aclose()
+        await backend.aclose()
+    assert statuses == [200] * 20
+    assert backend.round_trips - before == 20  # one decision per request
+    assert commands == ["EVALSHA"] * 40  # per request: the decision, then the release; nothing else

@@ -5,23 +5,28 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigurationError
 from ..policies import MICROS, Concurrency, Decision, Policy
 
-__all__ = ["Backend", "Hit", "Slot", "check_hits", "decision_from_reply", "decisions_from_flat", "new_token"]
+__all__ = [
+    "Backend",
+    "Claim",
+    "Hit",
+    "check_hits",
+    "decision_from_reply",
+    "decisions_from_flat",
+    "new_token",
+    "slot_decision",
+]
 
 #: One entry of a combined call: (identity, policy, cost).
 Hit = tuple[str, Policy, int]
 
 
-class Slot(NamedTuple):
-    """The outcome of a concurrency acquire: whether a slot was taken, how many are in use, its token."""
-
-    acquired: bool
-    in_use: int
-    token: str
+#: One concurrency limit a request claims a slot of: (identity, limit).
+Claim = tuple[str, Concurrency]
 
 
 @runtime_checkable
@@ -36,12 +41,19 @@ class Backend(Protocol):
         """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
         ...
 
-    async def acquire(self, key: str, limit: Concurrency) -> Slot:
-        """Take one of ``limit.limit`` concurrency slots of ``key``, unless all are in use."""
+    async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+        """Decide ``hits`` and take a slot named ``token`` of every claim, all in one step, or nothing at all.
+
+        One Decision per hit, then one per claim.  A token already released (release() came first,
+        from a request that stopped waiting) takes nothing.
+        """
         ...
 
-    async def release(self, key: str, token: str) -> None:
-        """Give back the slot ``token`` of ``key`` (a slot never released expires after ``limit.timeout``)."""
+    async def release(self, claims: Sequence[Claim], token: str) -> None:
+        """Give back the slots named ``token``; one not taken yet is refused to a later acquire for one lease.
+
+        A slot never released expires after its Concurrency timeout (the lease).
+        """
         ...
 
     async def ping(self) -> None:
@@ -54,8 +66,13 @@ class Backend(Protocol):
 
 
 def new_token() -> str:
-    """A unique name for one concurrency slot."""
+    """A unique name for one request's concurrency slots."""
     return secrets.token_hex(8)
+
+
+def slot_decision(limit: Concurrency, allowed: int, retry_us: int, remaining: int) -> Decision:
+    """A concurrency claim's answer as a Decision (a slot frees whenever a request ends: no reset time)."""
+    return Decision(allowed == 1, limit.limit, remaining if remaining > 0 else 0, retry_us / MICROS, 0.0)
 
 
 def check_hits(hits: Sequence[Hit]) -> None:

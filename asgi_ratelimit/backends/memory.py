@@ -31,7 +31,7 @@ from ..policies import (
     Decision,
     Policy,
 )
-from .base import Hit, Slot, check_hits, decision_from_reply, new_token
+from .base import Claim, Hit, check_hits, decision_from_reply, slot_decision
 
 __all__ = ["MemoryBackend"]
 
@@ -113,25 +113,47 @@ class MemoryBackend:
         """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
         return self.decide(hits)
 
-    async def acquire(self, key: str, limit: Concurrency) -> Slot:
-        """Take one of ``limit.limit`` concurrency slots of ``key``, unless all are in use (mirrors acquire.lua)."""
-        now = self._clock()
-        name = slots_key(self.prefix, digest(key))
-        slots: dict[str, int] = self._get(name, now) or {}
-        for token in [token for token, expires in slots.items() if expires <= now]:
-            del slots[token]
-        if len(slots) >= limit.limit:
-            return Slot(False, len(slots), "")
-        token = new_token()
-        slots[token] = now + limit.timeout_us
-        self._set(name, slots, now, limit.timeout_us)
-        return Slot(True, len(slots), token)
+    async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+        """Decide ``hits`` and take a slot named ``token`` of every claim, or nothing at all (as hit.lua)."""
+        return self.decide_with_slots(hits, claims, token)
 
-    async def release(self, key: str, token: str) -> None:
-        """Give back the slot ``token`` of ``key``."""
-        slots = self._store.get(slots_key(self.prefix, digest(key)))
-        if slots is not None:
-            slots[1].pop(token, None)
+    def decide_with_slots(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+        """The synchronous core of acquire: every entry decided first, the writes only when all allow."""
+        if not claims:
+            return self.decide(hits)
+        now = self._clock()
+        check_hits(hits)
+        keys = [self._key(identity, policy) for identity, policy, _ in hits]
+        names = [slots_key(self.prefix, digest(identity)) for identity, _ in claims]
+        replies = [
+            _ALGORITHMS[policy.code](self, key, now, cost, policy, False)
+            for key, (_, policy, cost) in zip(keys, hits, strict=True)
+        ]
+        slot_replies = [
+            self._slot(name, now, limit, token, False) for name, (_, limit) in zip(names, claims, strict=True)
+        ]
+        if all(reply[0] for reply in replies) and all(reply[0] for reply in slot_replies):
+            replies = [
+                _ALGORITHMS[policy.code](self, key, now, cost, policy, True)
+                for key, (_, policy, cost) in zip(keys, hits, strict=True)
+            ]
+            slot_replies = [
+                self._slot(name, now, limit, token, True) for name, (_, limit) in zip(names, claims, strict=True)
+            ]
+        return [decision_from_reply(policy, *reply) for (_, policy, _), reply in zip(hits, replies, strict=True)] + [
+            slot_decision(limit, *reply) for (_, limit), reply in zip(claims, slot_replies, strict=True)
+        ]
+
+    async def release(self, claims: Sequence[Claim], token: str) -> None:
+        """Give back the slots named ``token``.
+
+        No tombstone is kept, unlike release.lua: an acquire here is decided the moment it is
+        called, so none can still be on its way when its request gives up.
+        """
+        for identity, _ in claims:
+            entry = self._store.get(slots_key(self.prefix, digest(identity)))
+            if entry is not None:
+                entry[1].pop(token, None)
 
     async def ping(self) -> None:
         """Always answers: the state lives in this process."""
@@ -338,6 +360,26 @@ class MemoryBackend:
         left = math.floor(limit - weighted - after)
         return 1, 0, left if left > 0 else 0, reset_after
 
+    def _slot(self, key: str, now: int, limit: Concurrency, token: str, commit: bool) -> tuple[int, int, int]:
+        """(allowed, retry_us, remaining) for one concurrency slot, as the concurrency entry of hit.lua."""
+        slots: dict[str, int] | None = self._get(key, now)
+        if slots is None:
+            slots = {}
+        else:
+            for expired in [name for name, ends in slots.items() if ends <= now]:
+                del slots[expired]
+        in_use = len(slots)
+        if in_use >= limit.limit:
+            oldest = min(slots.values())
+            return 0, max(1, min(_SLOT_RETRY, oldest - now)), 0
+        if not commit:
+            return 1, 0, limit.limit - in_use
+        slots[token] = now + limit.timeout_us
+        self._set(key, slots, now, limit.timeout_us)
+        return 1, 0, limit.limit - in_use - 1
+
+
+_SLOT_RETRY = 1_000_000  # the most a refused slot tells a client to wait (us), as in hit.lua
 
 _ALGORITHMS: dict[int, Callable[[MemoryBackend, str, int, int, Policy, bool], Reply]] = {
     TOKEN_BUCKET: MemoryBackend._token_bucket,

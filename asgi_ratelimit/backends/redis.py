@@ -17,15 +17,18 @@ from .._keys import digest, slots_key, state_key
 from ..errors import BackendError, ConfigurationError
 from ..policies import Concurrency, Decision, Policy
 from ._coalesce import ScriptCaller
-from .base import Hit, Slot, check_hits, decisions_from_flat, new_token
+from .base import Claim, Hit, check_hits, decision_from_reply, decisions_from_flat, slot_decision
 from .memory import system_clock_us
 
 __all__ = ["RedisBackend"]
 
+#: One entry of a script call: a rate-limit hit, or a concurrency claim (cost 1).
+Entry = tuple[str, Policy | Concurrency, int]
+
 _COSTS = [str(cost).encode() for cost in range(64)]  # the common costs, encoded once
 
 HIT_SCRIPT = files(__package__).joinpath("lua/hit.lua").read_text(encoding="utf-8")
-ACQUIRE_SCRIPT = files(__package__).joinpath("lua/acquire.lua").read_text(encoding="utf-8")
+RELEASE_SCRIPT = files(__package__).joinpath("lua/release.lua").read_text(encoding="utf-8")
 
 # redis-py defaults both socket timeouts to 5 s; a limiter's budget is tens of milliseconds,
 # and a frozen Redis must not hold a connection for seconds (correctness rule 22).
@@ -73,7 +76,7 @@ class RedisBackend:
         self.cluster = _is_cluster(client)
         wire = not self.cluster and hasattr(client, "connection_pool")
         self._call = ScriptCaller(client, HIT_SCRIPT, coalesce=coalesce and not self.cluster, wire=wire)
-        self._acquire = ScriptCaller(client, ACQUIRE_SCRIPT, coalesce=coalesce and not self.cluster, wire=wire)
+        self._release = ScriptCaller(client, RELEASE_SCRIPT, coalesce=coalesce and not self.cluster, wire=wire)
         # Set once the client is initialised and the script loaded (correctness rule 23).
         self._initialised = False
         self._initialising: asyncio.Task[None] | None = None
@@ -255,21 +258,81 @@ class RedisBackend:
         keys += args
         return keys
 
-    async def acquire(self, key: str, limit: Concurrency) -> Slot:
-        """Take one of ``limit.limit`` concurrency slots of ``key``, unless all are in use (acquire.lua)."""
-        token = new_token()
-        now = "" if self._clock is None else self._clock()
-        name = slots_key(self.prefix, digest(key))
-        try:
-            acquired, in_use, _ = await self._acquire(1, name, now, limit.limit, limit.timeout_us, token)
-        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
-            raise BackendError(f"Redis failed to acquire a slot: {type(exc).__name__}: {exc}") from exc
-        return Slot(bool(acquired), int(in_use), token if acquired else "")
+    async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+        """Decide ``hits`` and take a slot named ``token`` of every claim in one script call, or nothing at all.
 
-    async def release(self, key: str, token: str) -> None:
-        """Give back the slot ``token`` of ``key``."""
+        One Decision per hit, then one per claim.  On a cluster each identity's hits and claims are
+        one call (its keys share a hash slot), as in hit_many.
+        """
+        check_hits(hits)
+        if not claims:
+            return await self.hit_many(hits)
+        if not self._initialised:
+            await self._ready()
+        entries: list[Entry] = [*hits, *((identity, limit, 1) for identity, limit in claims)]
+        if self._in_flight is None:
+            return await self._decide_entries(entries, token)
+        groups: dict[str, list[int]] = {}
+        for index, (identity, _, _) in enumerate(entries):
+            groups.setdefault(identity, []).append(index)
+        parts = await asyncio.gather(
+            *(self._decide_in_slot([entries[i] for i in indexes], token) for indexes in groups.values())
+        )
+        decisions: list[Decision | None] = [None] * len(entries)
+        for indexes, part in zip(groups.values(), parts, strict=True):
+            for index, decision in zip(indexes, part, strict=True):
+                decisions[index] = decision
+        return [decision for decision in decisions if decision is not None]
+
+    async def _decide_in_slot(self, entries: list[Entry], token: str) -> list[Decision]:
+        assert self._in_flight is not None
+        async with self._in_flight:
+            return await self._decide_entries(entries, token)
+
+    async def _decide_entries(self, entries: Sequence[Entry], token: str) -> list[Decision]:
+        """One hit.lua call over rate-limit entries and concurrency slots alike."""
+        keys: list[bytes | str | int] = []
+        args: list[bytes | str | int] = [b"" if self._clock is None else self._clock()]
+        for identity, limit, cost in entries:
+            hashed = digest(identity)
+            if isinstance(limit, Concurrency):
+                keys.append(slots_key(self.prefix, hashed).encode())
+                args += (limit.code, 1, limit.limit, limit.timeout_us)
+            else:
+                keys.append(state_key(self.prefix, hashed, limit).encode())
+                code, p1, p2 = limit.script_args
+                args += (code, cost, p1, p2)
+        args.append(token)
         try:
-            await self.client.zrem(slots_key(self.prefix, digest(key)), token)
+            flat = await self._call(len(keys), *keys, *args)
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            raise BackendError(f"Redis failed to decide a hit: {type(exc).__name__}: {exc}") from exc
+        values = iter(flat)
+        return [
+            slot_decision(limit, allowed, retry_us, remaining)
+            if isinstance(limit, Concurrency)
+            else decision_from_reply(limit, allowed, retry_us, remaining, reset_us)
+            for (_, limit, _), allowed, retry_us, remaining, reset_us in zip(
+                entries, values, values, values, values, strict=True
+            )
+        ]
+
+    async def release(self, claims: Sequence[Claim], token: str) -> None:
+        """Give back the slots named ``token``; one not taken yet is barred to a late acquire (release.lua)."""
+        if not claims:
+            return
+        if not self._initialised:
+            await self._ready()
+        if self.cluster:  # each identity's slots key lives in its own hash slot
+            await asyncio.gather(*(self._release_keys([claim], token) for claim in claims))
+            return
+        await self._release_keys(claims, token)
+
+    async def _release_keys(self, claims: Sequence[Claim], token: str) -> None:
+        keys = [slots_key(self.prefix, digest(identity)) for identity, _ in claims]
+        now = b"" if self._clock is None else self._clock()
+        try:
+            await self._release(len(keys), *keys, now, token, *(limit.timeout_us for _, limit in claims))
         except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             raise BackendError(f"Redis failed to release a slot: {type(exc).__name__}: {exc}") from exc
 
@@ -282,7 +345,7 @@ class RedisBackend:
 
     @property
     def round_trips(self) -> int:
-        """Script round trips made so far (a pipeline of coalesced hits counts once)."""
+        """Round trips that decided hits so far (a pipeline of coalesced hits counts once); releases not included."""
         return self._call.round_trips
 
     async def aclose(self) -> None:

@@ -5,7 +5,7 @@ KEYS[i]   the state key of entry i (on a cluster every key of one call shares a 
 ARGV[1]   now, in integer microseconds since the epoch, or "" to use the server clock (TIME).
 ARGV[2..] four values per entry i, starting at ARGV[4*(i-1)+2]:
             code   1 token bucket, 2 sliding-window log, 3 GCRA, 4 fixed window,
-                   5 sliding-window counter (asgi_ratelimit/policies.py)
+                   5 sliding-window counter, 6 concurrency slot (asgi_ratelimit/policies.py)
             cost   whole units this hit takes (>= 1)
             p1,p2  the policy's parameters, as policies.py formats them:
                    token bucket    p1 = refill rate (micro-tokens per microsecond), p2 = capacity
@@ -13,12 +13,15 @@ ARGV[2..] four values per entry i, starting at ARGV[4*(i-1)+2]:
                    GCRA            p1 = emission interval (us), p2 = burst
                    fixed window    p1 = limit, p2 = window (us)
                    window counter  p1 = limit, p2 = window (us)
+                   concurrency     p1 = limit (slots), p2 = lease (us); cost is 1
+ARGV[4*#KEYS+2]  the slot token (this request's name for its slots), when an entry is a concurrency slot.
 Returns   a flat array, four integers per entry:
             allowed (1 or 0: this policy's own verdict), retry_after (us; -1 = never),
             remaining, reset_after (us); after the hit when every entry allowed, else before it
 
 Every entry is decided first, without writing; the writes run only when all entries allow,
-so a denied hit consumes from none of its policies.  All values stay integers below 2^53,
+so a denied hit consumes from none of its policies, and takes no slot; a slot refused takes
+nothing from the rate limits either.  All values stay integers below 2^53,
 and numbers are formatted with %.17g where they become strings, so nothing is truncated.
 Every written key gets a TTL in whole milliseconds, rounded up, at least 1.
 ]]
@@ -219,7 +222,38 @@ local function window_counter(key, now, cost, limit, window)
   end
 end
 
-local ALGORITHMS = { token_bucket, sliding_window, gcra, fixed_window, window_counter }
+-- The most a refused slot tells a client to wait (us): a slot frees whenever a request in flight
+-- ends, which nobody can predict; the oldest lease's end is only the latest moment.
+local SLOT_RETRY = 1000000
+local TOKEN = ARGV[4 * #KEYS + 2]
+
+-- A slots key is a sorted set of tokens.  A slot taken is scored by the end of its lease (> 0).
+-- A token released before its acquire ran (the request stopped waiting; the acquire was still
+-- on its way) is kept as a tombstone scored by minus the end of its lease: the late acquire
+-- then takes nothing.  release.lua writes the tombstones.
+local function concurrency(key, now, cost, limit, lease)
+  redis.call('ZREMRANGEBYSCORE', key, 0, string.format('%.17g', now))
+  redis.call('ZREMRANGEBYSCORE', key, string.format('%.17g', -now), '(0')
+  local in_use = redis.call('ZCOUNT', key, '(0', '+inf')
+  local mine = tonumber(redis.call('ZSCORE', key, TOKEN))
+  if mine ~= nil and mine < 0 then
+    return 0, SLOT_RETRY, math.max(0, limit - in_use), 0
+  end
+  if mine ~= nil then
+    -- The same call sent again (a retry after a lost connection): the slot is this request's already.
+    in_use = in_use - 1
+  end
+  if in_use >= limit then
+    local oldest = redis.call('ZRANGEBYSCORE', key, '(0', '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+    return 0, math.max(1, math.min(SLOT_RETRY, tonumber(oldest[2]) - now)), 0, 0
+  end
+  return 1, 0, limit - in_use, 0, limit - in_use - 1, 0, function()
+    redis.call('ZADD', key, string.format('%.17g', now + lease), TOKEN)
+    redis.call('PEXPIRE', key, ttl_ms(lease))
+  end
+end
+
+local ALGORITHMS = { token_bucket, sliding_window, gcra, fixed_window, window_counter, concurrency }
 
 local now = tonumber(ARGV[1])
 if now == nil then

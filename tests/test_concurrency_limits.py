@@ -8,6 +8,7 @@ from typing import Any
 import http_sfv
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from conftest import RedisProcess
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from asgi_ratelimit import (
+    BackendError,
     Concurrency,
     ConfigurationError,
     FixedWindow,
@@ -26,6 +28,7 @@ from asgi_ratelimit import (
     TokenBucket,
 )
 from asgi_ratelimit._keys import digest, slots_key
+from asgi_ratelimit.limiter import Limiter
 
 SEPARATOR = "\x1f"  # between the rule's name and the key in the identity the backend hashes
 
@@ -41,7 +44,7 @@ async def slots_in_use(backend: Any, rule: str, key: str) -> int:
     if isinstance(backend, MemoryBackend):
         entry = backend._store.get(name)
         return 0 if entry is None else len(entry[1])
-    return int(await backend.client.zcard(name))
+    return int(await backend.client.zcount(name, "(0", "+inf"))  # taken slots; tombstones score below zero
 
 
 class Gate:
@@ -365,3 +368,41 @@ async def test_a_request_with_a_slot_costs_one_round_trip_to_decide(redis_server
     assert statuses == [200] * 20
     assert backend.round_trips - before == 20  # one decision per request
     assert commands == ["EVALSHA"] * 40  # per request: the decision, then the release; nothing else
+
+
+class FlakyReleases(MemoryBackend):
+    """MemoryBackend whose first ``failures`` releases fail, as a Redis that cannot be reached."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.attempts = 0
+
+    async def release(self, claims: Any, token: str) -> None:
+        self.attempts += 1
+        if self.attempts <= self.failures:
+            raise BackendError("unreachable")
+        await super().release(claims, token)
+
+
+@pytest.mark.parametrize(("failures", "result"), [(3, "released"), (10_000, "expired")])
+async def test_a_failed_release_is_retried_until_it_succeeds_or_its_lease_ends(
+    failures: int, result: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = FlakyReleases(failures)
+    limiter = Limiter(backend, registry=CollectorRegistry())
+    claims = [("someone", Concurrency(1, timeout=0.5))]
+    [taken] = await limiter.acquire([], claims, "token")
+    assert taken.allowed
+    await limiter.release(claims, "token")  # fails within the budget, and is handed to the retries
+    await limiter.releases.wait()
+    if result == "released":
+        assert backend.attempts == failures + 1
+    else:
+        assert backend.attempts >= 4  # tried again and again, then given up
+    counted = limiter.registry.get_sample_value("asgi_ratelimit_slot_release_retries_total", {"result": result})
+    assert counted == 1
+    [again] = await limiter.acquire([], claims, "next")
+    assert again.allowed  # released, or expired at the end of its lease
+    if result == "expired":
+        assert "given up at the end of its lease" in caplog.text

@@ -8,8 +8,8 @@ from typing import Any
 import http_sfv
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry
 from conftest import RedisProcess
+from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request

@@ -74,9 +74,24 @@ def build(gate: Gate, backend: Any, limits: Any) -> Starlette:
         backend=backend,
         rules=[Rule("/work", limits, key=lambda request: "tenant", name="work")],
         timeout=2.0,
-        metrics=False,
+        registry=CollectorRegistry(),  # metrics on: each test's decisions are counted on its own registry
     )
     return app
+
+
+def decisions_counted(app: Starlette) -> dict[str, float]:
+    """asgi_ratelimit_decisions_total of rule "work", by result (the middleware is built on the first request)."""
+    middleware = app.middleware_stack
+    while not isinstance(middleware, RateLimitMiddleware):
+        middleware = middleware.app  # type: ignore[union-attr]
+    counts = {}
+    for result in ("allowed", "denied", "dry_run_denied", "failed_open", "failed_closed"):
+        value = middleware.registry.get_sample_value(
+            "asgi_ratelimit_decisions_total", {"rule": "work", "result": result}
+        )
+        if value:
+            counts[result] = value
+    return counts
 
 
 async def settle(condition: Any, rounds: int = 400) -> None:
@@ -108,6 +123,7 @@ async def test_never_more_than_the_limit_in_flight_and_no_slot_leaks(backend: An
         served = await asyncio.gather(*[task for task in pending if not task.done()])
     assert [r.status_code for r in served] == [200] * 3
     assert gate.most_inside == 3
+    assert decisions_counted(app) == {"allowed": 3, "denied": 7}  # one decision per request
     await settle(lambda: _zero(backend))
     assert await slots_in_use(backend, "work", "tenant") == 0
     # The slots are back: the next three get in again.
@@ -267,6 +283,7 @@ async def test_a_request_refused_for_concurrency_spends_no_rate_limit(backend: A
     # Three served in all, as the limit says: the two refused took nothing from it.
     assert [r.status_code for r in after] == [200, 200, 429]
     assert [state_of(r)["work"] for r in after] == [1, 0, 0]
+    assert decisions_counted(app) == {"allowed": 3, "denied": 3}
 
 
 async def test_a_request_refused_by_a_rate_limit_takes_no_slot(backend: Any) -> None:
@@ -406,3 +423,44 @@ async def test_a_failed_release_is_retried_until_it_succeeds_or_its_lease_ends(
     assert again.allowed  # released, or expired at the end of its lease
     if result == "expired":
         assert "given up at the end of its lease" in caplog.text
+
+
+async def test_a_refused_request_in_a_dry_run_is_counted_once(backend: Any) -> None:
+    gate = Gate()
+    app = Starlette(routes=[Route("/work", gate.endpoint)])
+    app.add_middleware(
+        RateLimitMiddleware,
+        backend=backend,
+        rules=[Rule("/work", ["5/minute", Concurrency(1, timeout=30)], key=lambda request: "tenant", name="work")],
+        timeout=2.0,
+        dry_run=True,
+        registry=CollectorRegistry(),
+    )
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        holder = asyncio.ensure_future(client.get("/work"))
+        await settle(lambda: _true_when(gate.inside == 1))
+        # The slot is held: this one is refused, but a dry run lets it through (holding no slot).
+        second = asyncio.ensure_future(client.get("/work"))
+        await settle(lambda: _true_when(gate.inside == 2))
+        gate.open.set()
+        assert [r.status_code for r in await asyncio.gather(holder, second)] == [200, 200]
+    assert decisions_counted(app) == {"allowed": 1, "dry_run_denied": 1}
+    assert await slots_in_use(backend, "work", "tenant") == 0
+
+
+class Unreachable(MemoryBackend):
+    """A backend that cannot decide: every acquire fails."""
+
+    async def acquire(self, hits: Any, claims: Any, token: str) -> Any:
+        raise BackendError("unreachable")
+
+
+@pytest.mark.parametrize(("fail_open", "result", "status"), [(True, "failed_open", 200), (False, "failed_closed", 503)])
+async def test_a_request_the_backend_cannot_decide_is_counted_once(fail_open: bool, result: str, status: int) -> None:
+    gate = Gate()
+    gate.open.set()
+    app = build(gate, Unreachable(), ["5/minute", Concurrency(1, timeout=30)])
+    app.user_middleware[0].kwargs["fail_open"] = fail_open
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+        assert (await client.get("/work")).status_code == status
+    assert decisions_counted(app) == {result: 1}

@@ -138,6 +138,8 @@ class Limiter:
         self._clock = clock
         self.registry = registry
         self.metrics: LimiterMetrics | None = None if registry is None else metrics_for(registry)
+        if self.metrics is not None and isinstance(backend, MemoryBackend):
+            self.metrics.memory_evictions.backends.add(backend)
         # The in-memory backend never waits on I/O: no task, no timer, nothing to cache.
         self._in_process = isinstance(backend, MemoryBackend)
         # A backend that hands back a future of its reply is waited on without a task of its own.

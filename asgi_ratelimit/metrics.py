@@ -17,7 +17,7 @@ import weakref
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from itertools import accumulate
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -133,6 +133,29 @@ class LatencyHistogram(Collector):
         return [HistogramMetricFamily(self.NAME, self.DOC, buckets=buckets, sum_value=self.sum)]
 
 
+class MemoryEvictions(Collector):
+    """asgi_ratelimit_memory_evictions_total: keys the MemoryBackends counted here dropped at their max_keys."""
+
+    NAME: Final = "asgi_ratelimit_memory_evictions"
+    DOC: Final = (
+        "Keys MemoryBackend dropped at max_keys, by kind: at_rest (back to a full allowance: no answer changes) "
+        "or live (an identity's consumption forgotten: it starts over)."
+    )
+
+    def __init__(self) -> None:
+        self.backends: weakref.WeakSet[Any] = weakref.WeakSet()  # objects with an ``evictions`` dict
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self.NAME, self.DOC, labels=["kind"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.NAME, self.DOC, labels=["kind"])
+        backends = list(self.backends)
+        for kind in ("at_rest", "live"):
+            family.add_metric([kind], sum(backend.evictions[kind] for backend in backends))
+        return [family]
+
+
 class LimiterMetrics:
     """The four metric families of one registry."""
 
@@ -163,6 +186,8 @@ class LimiterMetrics:
             registry=registry,
         )
         self.release_retries = {result: self.slot_release_retries.labels(result) for result in RELEASE_RESULTS}
+        self.memory_evictions = MemoryEvictions()
+        registry.register(self.memory_evictions)
         #: count(rule, result): count one decision of ``rule`` (the counter's own method: one call less per request).
         self.count = self.decisions.count
 

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
-import pytest
+import asyncio
+from typing import Any
 
-from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, MemoryBackend, SlidingWindow, TokenBucket
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from asgi_ratelimit import (
+    GCRA,
+    Concurrency,
+    ConfigurationError,
+    FixedWindow,
+    Header,
+    MemoryBackend,
+    RateLimitMiddleware,
+    Rule,
+    SlidingWindow,
+    TokenBucket,
+)
+from asgi_ratelimit._keys import digest, state_key
 from asgi_ratelimit.backends.base import Backend
 
 T0 = 1_699_999_200_000_000
@@ -85,17 +103,111 @@ def test_keys_live_exactly_as_long_as_their_state_matters(policy: object) -> Non
     assert still.remaining <= 3
 
 
-def test_eviction_takes_the_least_recently_written_key() -> None:
+def test_eviction_takes_the_key_with_the_fewest_units_consumed_and_the_oldest_among_them() -> None:
     clock = Clock()
     backend = MemoryBackend(max_keys=3, clock=clock)
     policy = SlidingWindow(5, 60)
     for identity in ("a", "b", "c"):
         backend.decide([(identity, policy, 1)])
-    backend.decide([("a", policy, 1)])  # "a" is written again: "b" is now the oldest
+    backend.decide([("a", policy, 1)])  # "a" has consumed two: "b" and "c" one each, "b" is older
     backend.decide([("d", policy, 1)])
     assert len(backend) == 3
+    assert backend.evictions == {"at_rest": 0, "live": 1}
     assert backend.decide([("a", policy, 1)])[0].remaining == 2  # kept: third hit
     assert backend.decide([("b", policy, 1)])[0].remaining == 4  # evicted: starts over
+
+
+def test_keys_back_to_full_are_evicted_before_any_key_in_use() -> None:
+    clock = Clock()
+    backend = MemoryBackend(max_keys=3, clock=clock)
+    lease = Concurrency(2, timeout=60)
+    policy = FixedWindow(5, 60)
+    backend.decide([("busy", policy, 1)])
+    backend.decide_with_slots([], [("api", lease)], "token")
+    backend.decide([("heavy", policy, 4)])
+    asyncio.run(backend.release([("api", lease)], "token"))  # no slot taken: the slots key is at rest
+    backend.decide([("new", policy, 1)])
+    assert backend.evictions == {"at_rest": 1, "live": 0}
+    assert backend.decide([("busy", policy, 1)])[0].remaining == 3  # kept
+    assert backend.decide([("heavy", policy, 1)])[0].remaining == 0  # kept
+
+
+def test_an_exhausted_key_outlives_floods_of_fresh_identities(caplog: pytest.LogCaptureFixture) -> None:
+    """/login at 5/hour per X-User; each flood brings 100,000 junk X-User values to a 100,000-key cap."""
+    backend = MemoryBackend(max_keys=100_000)
+    registry = CollectorRegistry()
+    app = RateLimitMiddleware(
+        _ok, backend=backend, rules=[Rule("/login", "5/hour", key=Header("x-user"))], registry=registry
+    )
+    largest = 0
+
+    async def login(user: str) -> int:
+        status = 0
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+
+        scope = {
+            "type": "http", "method": "POST", "path": "/login", "root_path": "", "query_string": b"",
+            "headers": [(b"x-user", user.encode())], "client": ("203.0.113.9", 4000),
+        }  # fmt: skip
+        await app(scope, _receive, send)
+        return status
+
+    async def attack() -> list[int]:
+        nonlocal largest
+        victim = [await login("victim") for _ in range(5)]
+        for flood in range(2):
+            for number in range(100_000):
+                await login(f"junk-{flood}-{number}")
+                if number % 4096 == 0:
+                    largest = max(largest, len(backend))
+            largest = max(largest, len(backend))
+            victim += [await login("victim") for _ in range(10)]
+        return victim
+
+    statuses = asyncio.run(attack())
+    assert statuses == [200] * 5 + [429] * 20  # not one extra attempt for the victim
+    assert largest <= 100_000
+    evicted = registry.get_sample_value("asgi_ratelimit_memory_evictions_total", {"kind": "live"})
+    assert evicted == backend.evictions["live"] >= 100_000
+    # Logged, but not once per eviction.
+    lines = [r for r in caplog.records if "max_keys" in r.getMessage()]
+    assert 1 <= len(lines) <= 2
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 12), st.integers(1, 3), st.booleans()), min_size=1, max_size=60),
+)
+def test_no_key_is_evicted_while_one_with_half_its_units_or_fewer_is_kept(steps: list[tuple[int, int, bool]]) -> None:
+    clock = Clock()
+    backend = MemoryBackend(max_keys=4, clock=clock)
+    policies = {False: FixedWindow(6, 60), True: GCRA(6, 60)}
+    units: dict[str, int] = {}  # what each kept identity has consumed, by its allowed hits
+    for identity, cost, gcra in steps:
+        name = f"{'g' if gcra else 'f'}{identity}"
+        decision = backend.decide([(name, policies[gcra], cost)])[0]
+        if decision.allowed:  # written first, then the cap is enforced: the key itself may go
+            units[name] = units.get(name, 0) + cost
+        assert len(backend) <= 4
+        kept = {key for key in units if _kept(backend, key, policies)}
+        for key in set(units) - kept:
+            # Levels, not units (see MemoryBackend._evict): none kept may have half as many or fewer.
+            lighter = [other for other in kept if units[other].bit_length() < units[key].bit_length()]
+            assert not lighter, f"{key} ({units[key]} units) evicted while {lighter} kept"
+            del units[key]
 
 
 @pytest.mark.parametrize("max_keys", [0, -1, 1.5, True, "10"])
@@ -150,3 +262,8 @@ def test_the_sliding_log_drops_expired_entries_in_batches_and_stays_exact() -> N
         assert log == sorted(log)
         longest = max(longest, len(log))
     assert 1_000 < longest <= 2 * 1_000 + 1
+
+
+def _kept(backend: MemoryBackend, name: str, policies: dict[bool, Any]) -> bool:
+    policy = policies[name.startswith("g")]
+    return state_key(backend.prefix, digest(name), policy) in backend._store

@@ -11,6 +11,8 @@ the rest of the line.
 
 from __future__ import annotations
 
+import heapq
+import logging
 import math
 import time
 from bisect import bisect_right, insort
@@ -34,6 +36,8 @@ from ..policies import (
 from .base import Claim, Hit, check_hits, decision_from_reply, slot_decision
 
 __all__ = ["MemoryBackend"]
+
+logger = logging.getLogger("asgi_ratelimit")
 
 SCALE = 1_000_000  # micro-tokens per token, as in hit.lua
 _SWEEP_EVERY = 1024  # writes between two sweeps of expired keys
@@ -73,9 +77,12 @@ class MemoryBackend:
     """In-process storage with the same answers as RedisBackend; the embedded default.
 
     Args:
-        max_keys: the most keys kept at once.  Expired keys are dropped as they are met;
-            when the cap is reached the least recently written key is evicted, so memory
-            stays bounded under a flood of unique identities.
+        max_keys: the most keys kept at once (one per identity and policy, one per identity
+            with a concurrency limit).  Expired keys are dropped as they are met.  At the cap,
+            keys back to their full allowance go first (forgetting them changes no answer), then
+            those with the fewest units consumed, so memory stays bounded under a flood of new
+            identities while an exhausted key outlives it.  Evictions are counted in
+            ``evictions`` (and the metric asgi_ratelimit_memory_evictions_total) and logged.
         prefix: the key prefix (kept for parity with RedisBackend).
         clock: a function returning the time in integer microseconds (tests inject one).
     """
@@ -93,14 +100,20 @@ class MemoryBackend:
         self.prefix = prefix
         self._clock = clock or system_clock_us
         self._system_clock = clock is None  # then decide() reads it inline: one call less per decision
-        # key -> (expires_at_us, state), in write order, oldest first.  An OrderedDict, not a
+        # key -> (expires_at_us, state, eviction level), in write order, oldest first.  An OrderedDict, not a
         # dict: a dict's first item is found by scanning past the slots its deletions left at the
         # front, so evicting at the cap under a flood cost time in proportion to the cap.
-        self._store: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self._store: OrderedDict[str, tuple[int, Any, int]] = OrderedDict()
         self._writes_to_sweep = _SWEEP_EVERY  # writes left before the next sweep of expired keys
         # (identity, policy key suffix) -> state key: hashing the identity costs more than the
         # decision itself.  Bounded: emptied whenever it reaches the key cap.
         self._keys: dict[tuple[str, str], str] = {}
+        #: Keys dropped at the cap, by kind: "at_rest" (back to full: no answer changes) and "live".
+        self.evictions: dict[str, int] = {"at_rest": 0, "live": 0}
+        self._buckets: dict[int, OrderedDict[str, None]] = {}  # eviction level -> keys, oldest first
+        self._levels: list[int] = []  # a heap of the buckets' levels (and of some emptied since)
+        self._evicted_unlogged = 0
+        self._last_eviction_log = -math.inf
 
     def __len__(self) -> int:
         return len(self._store)
@@ -150,10 +163,17 @@ class MemoryBackend:
         No tombstone is kept, unlike release.lua: an acquire here is decided the moment it is
         called, so none can still be on its way when its request gives up.
         """
+        store = self._store
         for identity, _ in claims:
-            entry = self._store.get(slots_key(self.prefix, digest(identity)))
-            if entry is not None:
-                entry[1].pop(token, None)
+            key = slots_key(self.prefix, digest(identity))
+            entry = store.get(key)
+            if entry is not None and entry[1].pop(token, None) is not None:
+                # One slot fewer: the key moves down a bucket (to 0, at rest, with none left).
+                level = len(entry[1]).bit_length()
+                if level != entry[2]:
+                    store[key] = (entry[0], entry[1], level)  # keeps its place in write order
+                    self._unbucket(key, entry[2])
+                    self._bucket(key, level)
 
     async def ping(self) -> None:
         """Always answers: the state lives in this process."""
@@ -161,6 +181,8 @@ class MemoryBackend:
     async def aclose(self) -> None:
         """Drop all state."""
         self._store.clear()
+        self._buckets.clear()
+        self._levels.clear()
 
     def decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """The synchronous core of hit_many: atomic because it never awaits."""
@@ -203,30 +225,109 @@ class MemoryBackend:
         if entry is None:
             return None
         if entry[0] <= now:
-            del self._store[key]
+            self._drop(key, entry[2])
             return None
         return entry[1]
 
-    def _set(self, key: str, state: Any, now: int, ttl_from_now_us: int) -> None:
+    def _set(self, key: str, state: Any, now: int, ttl_from_now_us: int, units: int) -> None:
+        """Store ``state`` until it is back to full; ``units`` are those it has consumed (what forgetting it costs)."""
         store = self._store
+        old = store.get(key)
+        level = units.bit_length()  # see _evict: 0 for none, 1 for one, 2 for two or three, 3 for 4 to 7...
         # The TTL hit.lua sets: whole milliseconds, rounded up (in integers: no float division), at least 1.
         ttl_ms = -(-ttl_from_now_us // 1000)
-        store[key] = (now + (ttl_ms if ttl_ms > 1 else 1) * 1000, state)
+        store[key] = (now + (ttl_ms if ttl_ms > 1 else 1) * 1000, state, level)
         # The front holds the least recently written.
         store.move_to_end(key)
+        if old is None:
+            self._bucket(key, level)
+        elif old[2] != level:  # a key's level changes a few times in its life, not at every hit
+            self._unbucket(key, old[2])
+            self._bucket(key, level)
         self._writes_to_sweep -= 1
         if not self._writes_to_sweep:
             self._writes_to_sweep = _SWEEP_EVERY
             self._sweep(now)
         if len(store) > self.max_keys:  # one key was added at most
-            store.popitem(last=False)
+            self._evict(now)
 
     def _sweep(self, now: int, budget: int = 512) -> None:
         """Drop expired keys among the least recently written ones."""
+        expired = [(key, entry[2]) for key, entry in islice(self._store.items(), budget) if entry[0] <= now]
+        for key, level in expired:
+            self._drop(key, level)
+
+    def _drop(self, key: str, level: int) -> None:
+        del self._store[key]
+        self._unbucket(key, level)
+
+    def _bucket(self, key: str, level: int) -> None:
+        bucket = self._buckets.get(level)
+        if bucket is None:
+            bucket = self._buckets[level] = OrderedDict()
+            heapq.heappush(self._levels, level)
+        bucket[key] = None
+
+    def _unbucket(self, key: str, level: int) -> None:
+        bucket = self._buckets[level]
+        del bucket[key]
+        if not bucket:
+            del self._buckets[level]  # it leaves the heap when it reaches the top
+
+    # -- eviction at max_keys ------------------------------------------------------------
+    #
+    # Every key sits in the bucket of its level: the number of binary digits of the units it has
+    # consumed (a slots key: of its slots taken), so 0 for none, 1 for one, 2 for two or three,
+    # 3 for four to seven...  A heap holds the levels, so the key whose loss admits the fewest
+    # extra requests is found without a scan: the oldest key of the lowest level.  Levels, not
+    # units: a key changes level a few times in its life, not at every hit, so the hot path
+    # rarely moves it between buckets.  Within a level the oldest goes first.
+
+    def _evict(self, now: int) -> None:
+        """Drop one key, the one whose loss costs the fewest extra admissions (the store is one over max_keys).
+
+        A key back to full goes first (forgetting it changes no answer): the least recently
+        written one if it has expired (where expired keys gather), else one of level 0.  Then the
+        oldest key of the lowest level (the fewest units consumed, within a factor of two): an
+        exhausted key outlives any flood of fresh ones.
+        """
         store = self._store
-        expired = [key for key, entry in islice(store.items(), budget) if entry[0] <= now]
-        for key in expired:
-            del store[key]
+        oldest = next(iter(store))  # an OrderedDict finds its first key at once
+        entry = store[oldest]
+        if entry[0] <= now:
+            self._drop(oldest, entry[2])
+            self.evictions["at_rest"] += 1
+            return
+        levels = self._levels
+        buckets = self._buckets
+        while levels[0] not in buckets:
+            heapq.heappop(levels)
+        level = levels[0]
+        bucket = buckets[level]
+        key, _ = bucket.popitem(last=False)
+        if not bucket:
+            del buckets[level]
+        expires = store.pop(key)[0]
+        if level == 0 or expires <= now:
+            self.evictions["at_rest"] += 1
+            return
+        self.evictions["live"] += 1
+        self._evicted_unlogged += 1
+        if self._evicted_unlogged & 1023 == 1:  # the clock is read on the first and every 1024th
+            self._log_evictions()
+
+    def _log_evictions(self) -> None:
+        clock = time.monotonic()
+        if clock - self._last_eviction_log < _EVICTION_LOG_INTERVAL:
+            return
+        logger.warning(
+            "asgi_ratelimit: MemoryBackend is at max_keys=%d: %d keys in use were evicted since the last "
+            "report (the fewest units consumed first); their identities start over from a full allowance",
+            self.max_keys,
+            self._evicted_unlogged,
+        )
+        self._last_eviction_log = clock
+        self._evicted_unlogged = 0
 
     # -- the algorithms, mirroring hit.lua ---------------------------------------------
 
@@ -252,7 +353,7 @@ class MemoryBackend:
             return 1, 0, remaining, reset
         left = tokens - need
         reset_after = _refill_time(full - left, rate)
-        self._set(key, (left, now), now, reset_after)
+        self._set(key, (left, now), now, reset_after, capacity - left // SCALE)
         return 1, 0, left // SCALE, reset_after
 
     def _sliding_window(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
@@ -289,7 +390,7 @@ class MemoryBackend:
         else:
             for _ in range(cost):  # the clock stepped back: keep the log sorted all the same
                 insort(kept, now)
-        self._set(key, kept, now, window)
+        self._set(key, kept, now, window, count + cost)
         return 1, 0, limit - count - cost, window
 
     def _gcra(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
@@ -306,8 +407,9 @@ class MemoryBackend:
         if not commit:
             return 1, 0, available, tat - now
         reset = new_tat - now
-        self._set(key, new_tat, now, reset)
-        return 1, 0, math.floor((tolerance - reset) / interval), reset
+        left = math.floor((tolerance - reset) / interval)
+        self._set(key, new_tat, now, reset, burst - left)
+        return 1, 0, left, reset
 
     def _fixed_window(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
         limit, window = policy.numbers
@@ -322,7 +424,7 @@ class MemoryBackend:
             return 0, ends, limit - count, reset
         if not commit:
             return 1, 0, limit - count, reset
-        self._set(key, (index, count + cost), now, ends)
+        self._set(key, (index, count + cost), now, ends, count + cost)
         return 1, 0, limit - count - cost, ends
 
     def _window_counter(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
@@ -356,9 +458,10 @@ class MemoryBackend:
             return 1, 0, remaining, reset
         after = current + cost
         reset_after = 2 * window - elapsed
-        self._set(key, (index, after, previous), now, reset_after)
         left = math.floor(limit - weighted - after)
-        return 1, 0, left if left > 0 else 0, reset_after
+        left = left if left > 0 else 0
+        self._set(key, (index, after, previous), now, reset_after, limit - left)
+        return 1, 0, left, reset_after
 
     def _slot(self, key: str, now: int, limit: Concurrency, token: str, commit: bool) -> tuple[int, int, int]:
         """(allowed, retry_us, remaining) for one concurrency slot, as the concurrency entry of hit.lua."""
@@ -375,11 +478,13 @@ class MemoryBackend:
         if not commit:
             return 1, 0, limit.limit - in_use
         slots[token] = now + limit.timeout_us
-        self._set(key, slots, now, limit.timeout_us)
+        self._set(key, slots, now, limit.timeout_us, len(slots))
         return 1, 0, limit.limit - in_use - 1
 
 
 _SLOT_RETRY = 1_000_000  # the most a refused slot tells a client to wait (us), as in hit.lua
+_EVICTION_LOG_INTERVAL = 10.0  # seconds between two log lines about evictions
+
 
 _ALGORITHMS: dict[int, Callable[[MemoryBackend, str, int, int, Policy, bool], Reply]] = {
     TOKEN_BUCKET: MemoryBackend._token_bucket,

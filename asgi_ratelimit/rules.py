@@ -6,22 +6,27 @@ strings become policies, and every mistake raises ConfigurationError naming the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar, Union, cast
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 from starlette.types import Scope
 
+from ._context import current_guard
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
 from .headers import concurrency_item, policy_item, sf_string
 from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
 
-__all__ = ["CompiledLimits", "Rule", "rate_limit"]
+__all__ = ["ENDPOINT_RULES", "CompiledLimits", "Rule", "bypassed_endpoint", "endpoints_marked", "rate_limit"]
 
 LimitSpec = Union[str, Policy]  # noqa: UP007 - a runtime alias, and Python 3.10 is supported
 Limits = Union[LimitSpec, Sequence[LimitSpec]]  # noqa: UP007
@@ -257,7 +262,37 @@ def _is_async(func: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(func) or (call is not None and inspect.iscoroutinefunction(call))
 
 
-ROUTE_MARKER = "__asgi_ratelimit_rules__"
+#: On an endpoint wrapped by @rate_limit: its Rules, in the order they were applied.
+ENDPOINT_RULES = "__asgi_ratelimit_rules__"
+# On the function a wrapper wraps: that wrapper.  A route that holds the function itself (the decorator was
+# applied above the route decorator) is not limited, and the middleware says so when the route is called.
+_BYPASSED = "__asgi_ratelimit_bypassed_by__"
+# On a wrapper: its marks, and itself (a copy of these by another decorator's functools.wraps is not a wrapper).
+_MARKS = "__asgi_ratelimit_marks__"
+_WRAPPER = "__asgi_ratelimit_wrapper__"
+
+_logger = logging.getLogger("asgi_ratelimit")
+_unguarded_logged: set[str] = set()  # endpoints already reported as reached without the middleware
+
+EndpointT = TypeVar("EndpointT", bound=Callable[..., Any])
+_marked = 0  # endpoints wrapped by @rate_limit in this process
+
+
+def endpoints_marked() -> bool:
+    """Whether any endpoint has been marked with @rate_limit: until then, requests need no guard."""
+    return _marked > 0
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """One @rate_limit's arguments."""
+
+    limits: Limits | DynamicLimits
+    key: KeyFunc | None
+    algorithm: str
+    cost: int | CostFunc
+    name: str | None
+    fail_open: bool | None
 
 
 def rate_limit(
@@ -268,21 +303,91 @@ def rate_limit(
     cost: int | CostFunc = 1,
     name: str | None = None,
     fail_open: bool | None = None,
-) -> Callable[[Any], Any]:
-    """Mark a Starlette or FastAPI endpoint with a limit; RateLimitMiddleware finds it among the app's routes.
+) -> Callable[[EndpointT], EndpointT]:
+    """Limit a Starlette or FastAPI endpoint; RateLimitMiddleware decides when the endpoint is called.
 
-    The limits are validated here, when the module defining the endpoint is imported.
+    Put it directly above the function, below the route decorator.  The limits are validated here,
+    when the module defining the endpoint is imported.  The rule is named ``name``, or after the
+    endpoint (``module.function``).
     """
-    # Validate now, so a bad limit fails at import time; the middleware builds the real Rule
-    # with the route's path and methods.
+    # Validate now, so a bad limit fails at import time.
     Rule("/", limits, key=key, algorithm=algorithm, cost=cost, name=name or "route", fail_open=fail_open)
+    mark = _Mark(limits, key, algorithm, cost, name, fail_open)
 
-    def mark(endpoint: Any) -> Any:
-        marks = list(getattr(endpoint, ROUTE_MARKER, ()))
-        marks.append(
-            {"limits": limits, "key": key, "algorithm": algorithm, "cost": cost, "name": name, "fail_open": fail_open}
+    def decorate(endpoint: EndpointT) -> EndpointT:
+        if inspect.isclass(endpoint) or not callable(endpoint):
+            raise ConfigurationError(
+                f"@rate_limit decorates endpoint functions, got {endpoint!r}; on a class-based endpoint, "
+                "decorate its get/post/... methods."
+            )
+        # Stacked decorators make one wrapper whose rules are all decided in one call: all or nothing.
+        marks: tuple[_Mark, ...] = (mark,)
+        inner: Callable[..., Any] = endpoint
+        if getattr(endpoint, _WRAPPER, None) is endpoint:
+            marks = (*getattr(endpoint, _MARKS), mark)
+            inner = getattr(endpoint, "__wrapped__")  # noqa: B009 - set by functools.wraps, unknown to the type
+        return cast(EndpointT, _limited(inner, marks))
+
+    return decorate
+
+
+def _limited(endpoint: Callable[..., Any], marks: tuple[_Mark, ...]) -> Callable[..., Any]:
+    """``endpoint`` behind a wrapper that asks the request's middleware to decide ``marks`` first."""
+    base = f"{getattr(endpoint, '__module__', '?')}.{getattr(endpoint, '__qualname__', repr(endpoint))}"
+    unnamed = sum(1 for mark in marks if mark.name is None)
+    rules: list[Rule] = []
+    for index, mark in enumerate(marks):
+        name = mark.name or (base if unnamed == 1 else f"{base}#{index + 1}")
+        if any(rule.name == name for rule in rules):
+            raise ConfigurationError(f"@rate_limit on {base}: two limits are named {name!r}; give each its own name=.")
+        rules.append(
+            Rule(
+                "/",
+                mark.limits,
+                key=mark.key,
+                algorithm=mark.algorithm,
+                cost=mark.cost,
+                name=name,
+                fail_open=mark.fail_open,
+            )
         )
-        setattr(endpoint, ROUTE_MARKER, marks)
-        return endpoint
+    applied = tuple(rules)
+    is_async = _is_async(endpoint)
 
-    return mark
+    @functools.wraps(endpoint)
+    async def limited(*args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            if is_async:
+                return await endpoint(*args, **kwargs)
+            return await run_in_threadpool(endpoint, *args, **kwargs)
+
+        guard = current_guard.get()
+        if guard is None:
+            if base not in _unguarded_logged:
+                _unguarded_logged.add(base)
+                _logger.error(
+                    "asgi_ratelimit: %s is marked with @rate_limit but was called outside RateLimitMiddleware: "
+                    "it is NOT limited.  Add the middleware to the app that serves it.",
+                    base,
+                )
+            return await call()
+        # When the middleware refuses, the answer is a Response: Starlette sends it, FastAPI passes it on.
+        return await guard.check(applied, call)
+
+    global _marked
+    _marked += 1
+    setattr(limited, ENDPOINT_RULES, applied)
+    setattr(limited, _MARKS, marks)
+    setattr(limited, _WRAPPER, limited)
+    with contextlib.suppress(AttributeError, TypeError):  # a builtin or a bound method takes no attributes
+        setattr(endpoint, _BYPASSED, limited)
+    return limited
+
+
+def bypassed_endpoint(endpoint: object) -> str | None:
+    """The name of a @rate_limit whose wrapper ``endpoint`` bypasses (the route holds the bare function), or None."""
+    wrapper = getattr(endpoint, _BYPASSED, None)
+    if wrapper is None or wrapper is endpoint:
+        return None
+    rules: tuple[Rule, ...] = getattr(wrapper, ENDPOINT_RULES, ())
+    return ", ".join(rule.name for rule in rules) or None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import re
 from typing import Any
 
@@ -12,7 +14,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 
 from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, SlidingWindow, TokenBucket, rate_limit
-from asgi_ratelimit.rules import _IDENTITIES_KEPT, IDENTITY_SEPARATOR, ROUTE_MARKER, Rule
+from asgi_ratelimit.rules import _IDENTITIES_KEPT, ENDPOINT_RULES, IDENTITY_SEPARATOR, Rule
 
 
 def key(request: HTTPConnection) -> str | None:
@@ -171,21 +173,45 @@ def test_bad_paths(path: Any) -> None:
 
 
 class TestRateLimitMarker:
-    def test_marks_the_endpoint_and_returns_it(self) -> None:
-        async def endpoint(request: Any) -> None: ...
+    def test_wraps_the_endpoint_keeping_its_signature_and_kind(self) -> None:
+        async def endpoint(request: Any, item_id: int = 3) -> None: ...
 
         marked = rate_limit("5/minute", key=key, cost=2, name="login")(endpoint)
-        assert marked is endpoint
-        marks = getattr(endpoint, ROUTE_MARKER)
-        assert len(marks) == 1
-        assert marks[0]["limits"] == "5/minute" and marks[0]["cost"] == 2 and marks[0]["name"] == "login"
+        assert marked is not endpoint and marked.__wrapped__ is endpoint  # type: ignore[attr-defined]
+        assert inspect.signature(marked) == inspect.signature(endpoint)
+        assert inspect.iscoroutinefunction(marked)
+        (rule,) = getattr(marked, ENDPOINT_RULES)
+        assert rule.name == "login" and rule.cost == 2 and rule.static.policies[0].quota == 5
 
-    def test_marks_stack(self) -> None:
+    def test_stacked_marks_make_one_wrapper_decided_together(self) -> None:
         @rate_limit("5/minute", key=key)
         @rate_limit("100/day", key=key)
         async def endpoint(request: Any) -> None: ...
 
-        assert [mark["limits"] for mark in getattr(endpoint, ROUTE_MARKER)] == ["100/day", "5/minute"]
+        rules = getattr(endpoint, ENDPOINT_RULES)
+        assert [rule.static.policies[0].quota for rule in rules] == [100, 5]
+        base = f"{__name__}.{endpoint.__qualname__}"
+        assert [rule.name for rule in rules] == [f"{base}#1", f"{base}#2"]
+        assert not hasattr(endpoint.__wrapped__, ENDPOINT_RULES)  # type: ignore[attr-defined]
+
+    def test_the_default_name_is_the_endpoints_module_and_name(self) -> None:
+        def report(request: Any) -> None: ...
+
+        (rule,) = getattr(rate_limit("5/minute")(report), ENDPOINT_RULES)
+        assert rule.name == f"{__name__}.{report.__qualname__}"
+
+    def test_two_limits_of_one_endpoint_cannot_share_a_name(self) -> None:
+        async def endpoint(request: Any) -> None: ...
+
+        with pytest.raises(ConfigurationError, match="'same'"):
+            rate_limit("5/minute", name="same")(rate_limit("9/hour", name="same")(endpoint))
+
+    def test_a_class_is_refused(self) -> None:
+        class Endpoint:
+            pass
+
+        with pytest.raises(ConfigurationError, match="methods"):
+            rate_limit("5/minute")(Endpoint)
 
     @pytest.mark.parametrize(
         ("args", "kwargs", "fragment"),

@@ -515,8 +515,7 @@ class _Guard:
         if self.reached:
             return
         name = bypassed_endpoint(self.scope.get("endpoint"))
-        if name is not None and name not in _bypass_logged:
-            _bypass_logged.add(name)
+        if name is not None:
             logger.error(
                 "asgi_ratelimit: @rate_limit %s is applied above the route decorator, so the route calls the "
                 "bare function and it is NOT limited.  Put @rate_limit directly above the function, below "
@@ -527,7 +526,6 @@ class _Guard:
 
 # RateLimit and RateLimit-Policy are lists: the items of several decisions join into one field each.
 _LIST_FIELDS = frozenset({b"ratelimit", b"ratelimit-policy"})
-_bypass_logged: set[str] = set()
 
 
 class _Replay(Response):

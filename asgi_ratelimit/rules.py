@@ -385,9 +385,14 @@ def _limited(endpoint: Callable[..., Any], marks: tuple[_Mark, ...]) -> Callable
 
 
 def bypassed_endpoint(endpoint: object) -> str | None:
-    """The name of a @rate_limit whose wrapper ``endpoint`` bypasses (the route holds the bare function), or None."""
+    """The name of a @rate_limit that ``endpoint`` bypasses (the route holds the bare function), once; else None.
+
+    Reported once per function: the middleware logs it at ERROR the first time the route is called.
+    """
     wrapper = getattr(endpoint, _BYPASSED, None)
     if wrapper is None or wrapper is endpoint:
         return None
+    with contextlib.suppress(AttributeError, TypeError):
+        delattr(endpoint, _BYPASSED)
     rules: tuple[Rule, ...] = getattr(wrapper, ENDPOINT_RULES, ())
     return ", ".join(rule.name for rule in rules) or None

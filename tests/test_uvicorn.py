@@ -19,7 +19,6 @@ import urllib3
 import uvicorn
 from conftest import free_port
 from fastapi import FastAPI
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -28,7 +27,7 @@ from starlette.websockets import WebSocket
 from test_middleware import assert_problem_429, policies_of, state_of
 from urllib3.util.retry import Retry
 
-from asgi_ratelimit import Backend, MemoryBackend, RateLimitMiddleware, RedisBackend, Rule, rate_limit
+from asgi_ratelimit import Backend, RateLimitMiddleware, Rule, rate_limit
 
 STOP_TIMEOUT = 10
 
@@ -66,15 +65,6 @@ def serve(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(STOP_TIMEOUT)
         assert not thread.is_alive(), "uvicorn did not stop"
-
-
-@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
-def make_backend(request: pytest.FixtureRequest, key_prefix: str) -> Callable[[], Backend]:
-    """Builds the backend for one server (called in the test, used on the server's loop)."""
-    if request.param == "memory":
-        return lambda: MemoryBackend(prefix=key_prefix)
-    url = request.getfixturevalue("redis_url")
-    return lambda: RedisBackend(Redis.from_url(url), prefix=key_prefix)
 
 
 def closing(backend: Backend) -> Callable[[Any], Any]:

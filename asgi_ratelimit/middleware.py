@@ -21,8 +21,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._context import current_guard
+from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
 from .backends.base import Backend, Hit
-from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .headers import (
     HEADER_NAMES,
@@ -62,7 +62,9 @@ class RateLimitMiddleware:
         app: the ASGI app to protect.
         rules: the Rules; every rule that matches a request applies, and the request passes only
             when all of their limits allow it.  Endpoints marked with ``@rate_limit`` add theirs.
-        backend: where counts live; ``MemoryBackend()`` (one process) by default.
+        backend: where counts live: a Backend, or a URL (``"redis://host:6379/0"``, ``"rediss://..."``,
+            ``"memory://"``); ``MemoryBackend()`` (one process) by default.  At lifespan start-up the
+            backend is pinged, and an ERROR is logged when it does not answer (the app still starts).
         headers: ``"ietf"`` (RateLimit and RateLimit-Policy, the default), ``"legacy"``
             (X-RateLimit-*), ``"both"`` or ``"none"``.  Retry-After is always sent on a 429.
         exempt: paths (templates as in Rule) or a predicate of the request that are never limited.
@@ -88,7 +90,7 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         rules: Sequence[Rule] = (),
-        backend: Backend | None = None,
+        backend: Backend | str | None = None,
         headers: HeaderMode = "ietf",
         exempt: Exempt = (),
         dry_run: bool = False,
@@ -104,7 +106,7 @@ class RateLimitMiddleware:
         deny_cache: bool = True,
     ) -> None:
         self.app = app
-        self.backend: Backend = MemoryBackend() if backend is None else backend
+        self.backend, self._backend_url = backend_from(backend)  # a URL string is built here, and closed at shutdown
         if not isinstance(metrics, bool):
             raise ConfigurationError(f"metrics must be True or False, got {metrics!r}.")
         self.registry: CollectorRegistry = REGISTRY if registry is None else registry
@@ -155,7 +157,7 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type != "http" and scope_type != "websocket":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, self._at_lifespan(scope, send) if scope_type == "lifespan" else send)
             return
         path = route_path(scope) if scope.get("root_path") else scope["path"]  # not mounted: no call
         if self._operations is not None and scope_type == "http" and path in self._operations.paths:
@@ -171,6 +173,19 @@ class RateLimitMiddleware:
             await self._limit(scope, receive, guard.send, path, guard)
         finally:
             current_guard.reset(token)
+
+    def _at_lifespan(self, scope: Scope, send: Send) -> Send:
+        """Check the backend and the rules once the app has started; close a backend built from a URL at shutdown."""
+
+        async def send_with_checks(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await ping_at_startup(self.backend, self._backend_url)
+                check_rules_reach_routes(self.rules, scope.get("app") or self.app)
+            elif message["type"] == "lifespan.shutdown.complete" and self._backend_url is not None:
+                await self.backend.aclose()
+            await send(message)
+
+        return send_with_checks
 
     async def _limit(self, scope: Scope, receive: Receive, send: Send, path: str, guard: _Guard | None) -> None:
         """Apply the middleware's Rules to the request, then run the app (or answer 429/503 instead)."""

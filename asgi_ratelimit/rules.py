@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import re
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union, cast
@@ -95,6 +96,11 @@ class Rule:
             self.regex = path
             derived = path.pattern
         elif isinstance(path, str) and path.startswith("/"):
+            if "*" in path:
+                raise ConfigurationError(
+                    f"Rule {path!r}: a path is a Starlette template, not a glob ('*' is taken literally); "
+                    f"write {path.split('*', 1)[0].rstrip('/') + '/{path:path}'!r} for every path below it."
+                )
             try:
                 self.regex = compile_path(path)[0]
                 # A template without parameters matches one path only: a string comparison is enough.
@@ -176,6 +182,10 @@ class Rule:
         if self.exact_path is not None:
             # As the regex's "$" does (and so Starlette's router): a final newline still matches.
             return path == self.exact_path or (path[-1:] == "\n" and path[:-1] == self.exact_path)
+        return self.regex.match(path) is not None
+
+    def matches_any_method(self, path: str) -> bool:
+        """Whether this rule's path matches ``path``, whatever the method."""
         return self.regex.match(path) is not None
 
     def limits_for(self, request: HTTPConnection) -> CompiledLimits:
@@ -376,12 +386,29 @@ def _limited(endpoint: Callable[..., Any], marks: tuple[_Mark, ...]) -> Callable
 
     global _marked
     _marked += 1
+    limited.__signature__ = _resolved_signature(endpoint)  # type: ignore[attr-defined]
     setattr(limited, ENDPOINT_RULES, applied)
     setattr(limited, _MARKS, marks)
     setattr(limited, _WRAPPER, limited)
     with contextlib.suppress(AttributeError, TypeError):  # a builtin or a bound method takes no attributes
         setattr(endpoint, _BYPASSED, limited)
     return limited
+
+
+def _resolved_signature(endpoint: Callable[..., Any]) -> inspect.Signature:
+    """The endpoint's signature with its annotations evaluated in the endpoint's own module.
+
+    Frameworks read the wrapper's signature to resolve parameters; some evaluate string annotations
+    (``from __future__ import annotations``) in the namespace of the function they are given, which
+    for the wrapper is this module.  Evaluated here, the annotations no longer depend on it.
+    """
+    signature = inspect.signature(endpoint)
+    try:
+        hints = typing.get_type_hints(endpoint, include_extras=True)
+    except Exception:  # a name only imported for type checkers: leave the annotations as written
+        return signature
+    parameters = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters, return_annotation=hints.get("return", signature.return_annotation))
 
 
 def bypassed_endpoint(endpoint: object) -> str | None:

@@ -37,8 +37,8 @@ def by_user(request: HTTPConnection) -> str | None:
 
 
 @contextmanager
-def serve(app: Any) -> Iterator[str]:
-    """Run ``app`` on uvicorn in a thread; yield its base URL; stop it, bounded."""
+def serve(app: Any, **options: Any) -> Iterator[str]:
+    """Run ``app`` on uvicorn in a thread; yield its base URL; stop it, bounded.  ``options`` go to uvicorn.Config."""
     port = free_port()
     config = uvicorn.Config(
         app,
@@ -48,6 +48,7 @@ def serve(app: Any) -> Iterator[str]:
         ws="websockets-sansio",
         log_level="warning",
         access_log=False,
+        **options,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

@@ -766,3 +766,27 @@ def test_first_of_reads_the_scope_as_it_reads_the_request(
     reader = scope_reader(extractor)
     assert reader is not None
     assert reader(request.scope) == extractor(request)
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        # A header whose JSON nests 5,000 deep: some PyJWT versions recurse past Python's limit parsing it.
+        _b64(b'{"alg":"HS256","x":' + b"[" * 5000 + b"]" * 5000 + b"}") + "." + _b64(b'{"sub":"a"}') + ".c2ln",
+        _b64(b'{"alg":"HS256"}') + "." + _b64(b"[" * 5000 + b"]" * 5000) + ".c2ln",
+        _b64(b"\xff\xfe") + "." + _b64(b"{}") + ".c2ln",
+        "a.b.c",
+    ],
+    ids=["deep header", "deep payload", "header not UTF-8", "not base64 JSON"],
+)
+def test_a_token_that_breaks_the_jwt_library_is_no_key(token: str) -> None:
+    extractor = JWTClaim("sub", key=SECRET, algorithms=["HS256"])
+    assert extractor(make_request([("authorization", f"Bearer {token}")])) is None
+    unverified = JWTClaim("sub", key=SECRET, algorithms=["HS256"], verify=False)
+    assert unverified(make_request([("authorization", f"Bearer {token}")])) is None

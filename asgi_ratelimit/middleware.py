@@ -16,8 +16,9 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._context import current_guard
@@ -418,11 +419,12 @@ class RateLimitMiddleware:
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         if self.on_limited is not None:
-            response = self.on_limited(request if request is not None else _connection(scope, receive), decisions)
-            if inspect.isawaitable(response):
-                response = await response
-            await response(scope, receive, _with_headers(send, headers))
-            return
+            response = await self._on_limited(
+                request if request is not None else _connection(scope, receive), decisions
+            )
+            if response is not None:
+                await response(scope, receive, _with_headers(send, headers))
+                return
         violated: list[str] = []
         wait = 0
         never = False
@@ -453,6 +455,25 @@ class RateLimitMiddleware:
                 self._deny_bodies.clear()
             self._deny_bodies[body_key] = body
         await _respond(scope, receive, send, 429, body, "Too Many Requests", headers)
+
+    async def _on_limited(self, request: HTTPConnection, decisions: Sequence[Decision]) -> ASGIApp | None:
+        """The user's answer to a denied request; None (the default 429) when ``on_limited`` failed.
+
+        ``raise HTTPException(...)`` is how FastAPI and Starlette users answer: it becomes that response
+        (its status, detail and headers, plus the rate-limit headers).  Any other exception is a bug in
+        the callback: logged with its traceback, and the request still gets the default 429, never a 500.
+        """
+        assert self.on_limited is not None
+        try:
+            response = self.on_limited(request, decisions)
+            if inspect.isawaitable(response):
+                response = await response
+        except HTTPException as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        except Exception:
+            logger.exception("asgi_ratelimit: on_limited raised; the default 429 is sent instead")
+            return None
+        return response
 
     async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -608,6 +609,40 @@ class TestOptions:
         assert denied.json() == {"error": "limited"}
         # The hook's own Retry-After wins; it is not sent twice.
         assert denied.headers.get_list("retry-after") == ["120"]
+
+    async def test_on_limited_that_raises_httpexception_answers_with_it(
+        self, app_kind: str, mw_backend: Backend
+    ) -> None:
+        from fastapi import HTTPException
+
+        def on_limited(request: HTTPConnection, decisions: Sequence[Decision]) -> Response:
+            raise HTTPException(status_code=429, detail="Slow down", headers={"x-reason": "quota"})
+
+        rules = [Rule("/users/{id}", "1/minute", key=by_user, name="users")]
+        app = build_app(app_kind, rules=rules, backend=mw_backend, on_limited=on_limited)
+        async with client_for(app) as client:
+            await client.get("/users/1", headers={"x-user": "a"})
+            denied = await client.get("/users/1", headers={"x-user": "a"})
+        assert denied.status_code == 429
+        assert denied.json() == {"detail": "Slow down"}
+        assert denied.headers["x-reason"] == "quota"
+        assert int(denied.headers["retry-after"]) >= 1 and "users" in policies_of(denied)
+
+    async def test_on_limited_that_fails_is_logged_and_the_default_429_is_sent(
+        self, mw_backend: Backend, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        def on_limited(request: HTTPConnection, decisions: Sequence[Decision]) -> Response:
+            raise KeyError("a bug in the callback")
+
+        rules = [Rule("/users/{id}", "1/minute", key=by_user)]
+        app = build_app("starlette", rules=rules, backend=mw_backend, on_limited=on_limited)
+        with caplog.at_level(logging.ERROR, logger="asgi_ratelimit"):
+            async with client_for(app) as client:
+                await client.get("/users/1", headers={"x-user": "a"})
+                denied = await client.get("/users/1", headers={"x-user": "a"})
+        assert_problem_429(denied)
+        (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert "on_limited raised" in record.getMessage() and record.exc_info is not None
 
     async def test_backend_failure_fails_open_by_default(self) -> None:
         app = build_app("starlette", rules=[Rule("/users/{id}", "1/minute", key=by_user)], backend=BrokenBackend())

@@ -115,7 +115,13 @@ class OperationsApp:
         else:
             status, text = 200, "ok"
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        return status, {"status": text, "backend": self._backend_name, "latency_ms": latency_ms}
+        body: dict[str, Any] = {"status": text, "backend": self._backend_name, "latency_ms": latency_ms}
+        bug = self.limiter.bug
+        if bug is not None:
+            # The backend answers pings, but decisions fail with a bug: limits are not being applied.
+            status, body["status"] = 503, "error"
+            body["error"] = type(bug.__cause__ or bug).__name__
+        return status, body
 
 
 def operations_app(

@@ -435,7 +435,7 @@ class Limiter:
             self.metrics.backend_latency.observe(time.perf_counter() - started)
         kind = error_kind(error)
         self._count_failure(kind, error)
-        if kind in BUG_KINDS:
+        if kind in BUG_KINDS and _raised_by_code(error):
             self._report_bug(error)
         if probe and isinstance(error, _Abandoned) and not self._in_process:
             return  # the probe goes on in the background; _probe_done decides
@@ -541,6 +541,15 @@ class Limiter:
         result: Result = "failed_open" if failed_open else "failed_closed"
         for name, _, _ in spans:
             metrics.count(name, result)
+
+
+def _raised_by_code(error: BackendError) -> bool:
+    """Whether a failure comes from an exception in code (ours, or a driver's), not a backend's own BackendError.
+
+    A backend that raises BackendError itself, with no cause, reports an outage it has recognised.
+    """
+    cause = error.__cause__
+    return cause is not None and not isinstance(cause, BackendError)
 
 
 def _wrap(exc: BaseException) -> BackendError:

@@ -115,6 +115,13 @@ class Rule:
         self.name = derived if name is None else name
         if not isinstance(self.name, str) or not self.name:
             raise ConfigurationError(f"Rule {derived!r}: name must be a non-empty string, got {name!r}.")
+        if not all(" " <= ch <= "~" for ch in self.name):
+            # Names travel in the RateLimit headers, which carry printable ASCII only: two names that differ
+            # only outside it would become the same header item.
+            raise ConfigurationError(
+                f"Rule {derived!r}: name {self.name!r} must be printable ASCII (it is sent in the RateLimit "
+                "headers); give name= in ASCII."
+            )
         label = f"Rule {self.name!r}"
         if algorithm not in ALGORITHMS:
             raise ConfigurationError(

@@ -238,7 +238,7 @@ _PATH_CHARS = st.sampled_from(["/", "a", "b", ".", "\n", "%", "-", "é"])
 def test_a_template_without_parameters_matches_exactly_what_starlettes_regex_matches(template: str, path: str) -> None:
     """Such a rule compares strings instead of running the regex: it must match the same paths, or a
     request Starlette routes to the endpoint (e.g. "/login" followed by a newline, %0A) escapes the rule."""
-    rule = Rule(template, "1/second")
+    rule = Rule(template, "1/second", name="template")
     assert rule.exact_path == template
     assert rule.matches("GET", path) == (compile_path(template)[0].match(path) is not None)
     assert rule.matches("GET", template + "\n")
@@ -260,3 +260,15 @@ def test_a_rule_remembers_a_bounded_number_of_identities() -> None:
         assert rule.identity(f"k{number}") == f"r{IDENTITY_SEPARATOR}k{number}"
         assert len(rule.identities) <= _IDENTITIES_KEPT
     assert len(rule.identities) > 0
+
+
+@pytest.mark.parametrize("name", ["café", "ログイン", "tab\there", "nul\x00"])
+def test_a_name_outside_printable_ascii_is_refused(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="printable ASCII"):
+        Rule("/login", "5/minute", name=name)
+
+
+def test_a_path_outside_ascii_needs_an_ascii_name() -> None:
+    with pytest.raises(ConfigurationError, match="name="):
+        Rule("/café", "5/minute")
+    assert Rule("/café", "5/minute", name="cafe").name == "cafe"

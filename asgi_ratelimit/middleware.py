@@ -22,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._context import current_guard
+from ._scope import route_path
 from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
 from .backends.base import Backend, Hit
 from .errors import BackendError, ConfigurationError
@@ -45,15 +46,6 @@ logger = logging.getLogger("asgi_ratelimit")
 OnLimited = Callable[[HTTPConnection, Sequence[Decision]], Awaitable[ASGIApp] | ASGIApp]
 ExemptPredicate = Callable[[HTTPConnection], bool | Awaitable[bool]]
 Exempt = Iterable[str] | ExemptPredicate
-
-
-def route_path(scope: Scope) -> str:
-    """The path the app routes on: ``scope["path"]`` without the ``root_path`` it is mounted under."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root) :] or "/"
-    return path
 
 
 class RateLimitMiddleware:

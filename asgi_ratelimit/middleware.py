@@ -23,8 +23,10 @@ from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .headers import (
     HEADER_NAMES,
+    QUOTA_EXCEEDED,
     HeaderMode,
     check_mode,
+    item_name,
     one_limit_headers,
     rate_limit_headers,
     retry_after_seconds,
@@ -228,6 +230,8 @@ class RateLimitMiddleware:
                     limits = rule.limits_for(request)
                     cost = rule.cost_for(request)
                 identity = rule.identity(value)
+                if rule.partition_secret is not None:  # this key's header items carry its pk
+                    limits = rule.partitioned(limits, identity)
                 for policy in limits.policies:
                     hits.append((identity, policy, cost))
                 spans.append((rule.name, identity, len(limits.policies)))
@@ -385,7 +389,7 @@ class RateLimitMiddleware:
                 violated.append(name)
                 wait = max(wait, retry_after_seconds(decision))
                 never = never or decision.never
-        # A flood repeats the same few bodies: build each once (bounded, as rules and waits are few).
+        # A flood repeats the same few bodies: build each once (bounded, as rules, waits and keys with a pk are few).
         body_key = (tuple(violated), wait, never)
         body = self._deny_bodies.get(body_key)
         if body is None:
@@ -394,13 +398,15 @@ class RateLimitMiddleware:
                 if never
                 else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
             )
+            # The draft's quota-exceeded problem: clients act on "violated-policies" (the names the
+            # RateLimit-Policy items carry) and "retry_after" without parsing the detail.
             problem = {
-                "type": "about:blank",
-                "title": "Too Many Requests",
+                "type": QUOTA_EXCEEDED,
+                "title": "Quota Exceeded",
                 "status": 429,
                 "detail": detail,
                 "retry_after": wait,
-                "policies": [json.loads(name) for name in violated],
+                "violated-policies": [item_name(name) for name in violated],
             }
             body = _problem_body(problem)
             if len(self._deny_bodies) >= 1024:

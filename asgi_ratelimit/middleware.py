@@ -389,7 +389,8 @@ class RateLimitMiddleware:
                 violated.append(name)
                 wait = max(wait, retry_after_seconds(decision))
                 never = never or decision.never
-        # A flood repeats the same few bodies: build each once (bounded, as rules, waits and keys with a pk are few).
+        # A flood repeats the same few bodies: build each once (bounded: a rule with a pk names each key's items
+        # apart, so its bodies are as many as the keys refused, and the cache starts over at 1024).
         body_key = (tuple(violated), wait, never)
         body = self._deny_bodies.get(body_key)
         if body is None:

@@ -37,11 +37,11 @@ __all__ = [
 ]
 
 Result = Literal["allowed", "denied", "dry_run_denied", "failed_open", "failed_closed"]
-ErrorKind = Literal["timeout", "connection", "script", "breaker_open", "other"]
+ErrorKind = Literal["timeout", "connection", "server", "script", "breaker_open", "other"]
 ReleaseResult = Literal["released", "expired", "dropped"]
 
 RESULTS: Final[tuple[Result, ...]] = ("allowed", "denied", "dry_run_denied", "failed_open", "failed_closed")
-ERROR_KINDS: Final[tuple[ErrorKind, ...]] = ("timeout", "connection", "script", "breaker_open", "other")
+ERROR_KINDS: Final[tuple[ErrorKind, ...]] = ("timeout", "connection", "server", "script", "breaker_open", "other")
 #: How a slot release that did not get through within the budget ended.
 RELEASE_RESULTS: Final[tuple[ReleaseResult, ...]] = ("released", "expired", "dropped")
 #: Values of asgi_ratelimit_breaker_state.

@@ -33,7 +33,17 @@ from test_conformance import T0, seen
 from test_middleware import assert_problem_429, policies_of, state_of
 from test_uvicorn import closing, serve
 
-from asgi_ratelimit import GCRA, ClientIP, FixedWindow, Header, RateLimitMiddleware, RedisBackend, Rule, SlidingWindow
+from asgi_ratelimit import (
+    GCRA,
+    ClientIP,
+    Concurrency,
+    FixedWindow,
+    Header,
+    RateLimitMiddleware,
+    RedisBackend,
+    Rule,
+    SlidingWindow,
+)
 from asgi_ratelimit._keys import digest, state_key
 from asgi_ratelimit.rules import IDENTITY_SEPARATOR
 
@@ -231,6 +241,27 @@ def check_two_rules(responses: list[httpx.Response]) -> None:
     # the request that the per-key rule refused (one Redis would have taken nothing from either).
     assert [state_of(r)["ip"]["r"] for r in responses] == [4, 3, 2, 1, 0, 0]
     assert assert_problem_429(responses[5])["violated-policies"] == ["ip"]
+
+
+async def test_slots_and_rate_limits_of_one_identity_are_one_call_each_identity_apart(
+    backend: RedisBackend, clock: ManualClock
+) -> None:
+    """Each identity's limits and slot share a hash slot: decided together; another identity's, apart."""
+    clock.now = T0
+    per_user, lease = FixedWindow(3, 10), Concurrency(1, timeout=30)
+    hits = [("user", per_user, 1)]
+    claims = [("user", lease), ("tenant", lease)]
+    first = await backend.acquire(hits, claims, "first")
+    assert [(d.allowed, d.remaining) for d in first] == [(True, 2), (True, 0), (True, 0)]
+    refused = await backend.acquire(hits, claims, "second")
+    assert [(d.allowed, d.remaining) for d in refused] == [(True, 2), (False, 0), (False, 0)]
+    await backend.release(claims, "first")
+    # The user's refused call took nothing: its rate limit still shows 2 before this hit.
+    again = await backend.acquire(hits, [("user", lease)], "third")
+    assert [(d.allowed, d.remaining) for d in again] == [(True, 1), (True, 0)]
+    # A release that arrives before its acquire bars it, on each identity's own primary.
+    await backend.release([("tenant", lease)], "late")
+    assert [d.allowed for d in await backend.acquire([], [("tenant", lease)], "late")] == [False]
 
 
 async def test_middleware_over_asgi_transport(cluster: RedisCluster, key_prefix: str) -> None:

@@ -246,19 +246,35 @@ class Limiter:
     async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
         """Decide ``hits`` and take the claimed slots in one backend call, within the budget, behind the breaker.
 
-        One Decision per hit, then one per claim.  When the call fails, is abandoned or is cancelled
-        after it may have been sent, its slots are released in the background, as a late acquire
-        would otherwise hold them for the whole lease.
+        One Decision per hit, then one per claim; only one per hit when the deny cache answers (the
+        rate limits refuse, so no slot is looked at).  When the call fails, is abandoned or is
+        cancelled after it may have been sent, its slots are released in the background, as a late
+        acquire would otherwise hold them for the whole lease.
         """
         if self._decide_slots_now is not None:
             return self._decide_in_process(self._decide_slots_now, hits, claims, token)
+        cache = self.deny_cache if hits else None
+        sent_at = 0.0
+        if cache is not None:
+            cached = cache.get(tuple(hits))
+            if cached is not None:
+                # The rate limits refuse, whatever the slots: no call, and no slot decided (the
+                # answer holds one Decision per hit only).
+                return cached
+            sent_at = self._clock()
         try:
-            return await self._guarded(self.backend.acquire, hits, claims, token)
+            decisions = await self._guarded(self.backend.acquire, hits, claims, token)
         except _BreakerOpen:
             raise  # nothing was sent
         except BaseException:
             self.releases.add(claims, token)
             raise
+        if cache is not None:
+            rate = decisions[: len(hits)]
+            if not all(decision.allowed for decision in rate):
+                # Exact as for decide(): the same hits are refused until the earliest wait is over.
+                cache.put(tuple(hits), rate, sent_at)
+        return decisions
 
     async def release(self, claims: Sequence[Claim], token: str) -> None:
         """Give slots back: tried within the budget, not through the breaker, then retried within the lease.

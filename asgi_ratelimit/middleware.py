@@ -353,8 +353,6 @@ class RateLimitMiddleware:
         for _, identity, limits in slots:
             assert limits.concurrency is not None
             claims.append((identity, limits.concurrency))
-            policy_items += (limits.concurrency_item,)
-            item_names += (limits.concurrency_name,)
         token = new_token()
         try:
             decisions = await self.limiter.acquire(hits, claims, token)
@@ -366,8 +364,13 @@ class RateLimitMiddleware:
             else:
                 await self._unavailable(scope, receive, send)
             return
+        slot_of: dict[str, Decision] = {}
+        if len(decisions) > len(hits):  # else the deny cache answered: refused by a rate limit, no slot looked at
+            for index, (name, _, limits) in enumerate(slots):
+                slot_of[name] = decisions[len(hits) + index]
+                policy_items += (limits.concurrency_item,)
+                item_names += (limits.concurrency_name,)
         # Each rule counted once, its slot with its rate limits: a span's decisions, then its slot's.
-        slot_of = {name: decisions[len(hits) + index] for index, (name, _, _) in enumerate(slots)}
         counted: list[Decision] = []
         counted_spans: list[Span] = []
         start = 0

@@ -464,3 +464,28 @@ async def test_a_request_the_backend_cannot_decide_is_counted_once(fail_open: bo
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         assert (await client.get("/work")).status_code == status
     assert decisions_counted(app) == {result: 1}
+
+
+@pytest.mark.redis
+async def test_a_flood_refused_by_a_rate_limit_costs_no_round_trips(redis_url: str, key_prefix: str) -> None:
+    """The deny cache answers a rule with a slot too, once its rate limits have refused: no slot is looked at."""
+    backend = RedisBackend(Redis.from_url(redis_url), prefix=key_prefix)
+    gate = Gate()
+    gate.open.set()
+    app = build(gate, backend, ["2/minute", Concurrency(5, timeout=30)])
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            served = [await client.get("/work") for _ in range(2)]
+            before = backend.round_trips
+            refused = [await client.get("/work") for _ in range(20)]
+            sent = backend.round_trips - before
+        held = await slots_in_use(backend, "work", "tenant")
+    finally:
+        await backend.aclose()
+    assert held == 0
+    assert [r.status_code for r in served + refused] == [200] * 2 + [429] * 20
+    assert sent == 1  # the first refusal; the other 19 from the cache
+    assert state_of(refused[0]) == {"work": 0, "work:concurrency": 5}  # decided by Redis: the slots are free
+    assert state_of(refused[-1]) == {"work": 0}  # from the cache: the slots were not looked at
+    assert refused[-1].json()["violated-policies"] == ["work"]
+    assert decisions_counted(app) == {"allowed": 2, "denied": 20}

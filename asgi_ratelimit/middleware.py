@@ -21,7 +21,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._context import current_guard
+from ._context import Refusal, current_guard
 from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
 from .backends.base import Backend, Hit
 from .errors import BackendError, ConfigurationError
@@ -418,6 +418,10 @@ class RateLimitMiddleware:
         item_names: Sequence[str],
         headers: list[tuple[bytes, bytes]],
     ) -> None:
+        guard = current_guard.get()
+        if isinstance(guard, _Guard) and guard.refusals is not None:
+            guard.refusals.append((tuple(decisions), headers))  # a dependency asked: it raises its own exception
+            return
         if self.on_limited is not None:
             response = await self._on_limited(
                 request if request is not None else _connection(scope, receive), decisions
@@ -502,6 +506,8 @@ class _Guard:
         self.headers: list[tuple[bytes, bytes]] = []
         self.exempt: bool | None = None  # None: not asked yet
         self.reached = False  # a @rate_limit endpoint asked this guard
+        # While a dependency decides: the denials _deny reports instead of answering.
+        self.refusals: list[tuple[tuple[Decision, ...], list[tuple[bytes, bytes]]]] | None = None
 
     def add(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Add headers to the response; the RateLimit fields of several decisions join into one list each."""
@@ -546,6 +552,42 @@ class _Guard:
             return result[0]
         # Refused: the answer is handed back as the endpoint's response, so the app's own middleware sees it.
         return None if websocket else _Replay(answer)
+
+    async def decide(self, rules: tuple[Rule, ...]) -> Refusal | None:
+        """Decide ``rules`` for a dependency: None when allowed (their headers join the response's), else the refusal.
+
+        The same decision as ``check``'s, but a denial is handed back rather than answered: the dependency raises
+        it as an exception, which the app's exception handlers answer.
+        """
+        self.reached = True
+        if self.exempt:
+            return None
+        passed: list[bool] = []
+
+        async def proceed(scope: Scope, receive: Receive, send: Send) -> None:
+            passed.append(True)
+
+        answer: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            answer.append(message)
+
+        self.refusals = []
+        try:
+            await self.middleware._apply(rules, proceed, self.scope, self.receive, capture, self)
+            refusals = self.refusals
+        finally:
+            self.refusals = None
+        if passed:
+            return None
+        if refusals:
+            decisions, headers = refusals[0]
+            self.add(headers)  # with the headers of the limits that allowed it, so a handler's response has all
+            return Refusal(429, decisions, list(self.headers))
+        # The backend failed and a rule fails closed: the middleware answered 503.
+        start = next(m for m in answer if m["type"].endswith("response.start"))
+        retry = [(name, value) for name, value in start.get("headers", ()) if name == b"retry-after"]
+        return Refusal(int(start["status"]), (), retry)
 
     def _check_bypass(self) -> None:
         if self.reached:

@@ -27,7 +27,15 @@ from .extractors import ClientIP, scope_reader
 from .headers import concurrency_item, policy_item, sf_string
 from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
 
-__all__ = ["ENDPOINT_RULES", "CompiledLimits", "Rule", "bypassed_endpoint", "endpoints_marked", "rate_limit"]
+__all__ = [
+    "ENDPOINT_RULES",
+    "CompiledLimits",
+    "Rule",
+    "bypassed_endpoint",
+    "endpoints_marked",
+    "guard_requests",
+    "rate_limit",
+]
 
 LimitSpec = Union[str, Policy]  # noqa: UP007 - a runtime alias, and Python 3.10 is supported
 Limits = Union[LimitSpec, Sequence[LimitSpec]]  # noqa: UP007
@@ -296,8 +304,15 @@ _marked = 0  # endpoints wrapped by @rate_limit in this process
 
 
 def endpoints_marked() -> bool:
-    """Whether any endpoint has been marked with @rate_limit: until then, requests need no guard."""
+    """Whether any endpoint has been marked with @rate_limit (or a RateLimit dependency made): until then, requests
+    need no guard."""
     return _marked > 0
+
+
+def guard_requests() -> None:
+    """From now on, give every request a guard: something in the app (a RateLimit dependency) will ask it."""
+    global _marked
+    _marked += 1
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from ._context import current_guard
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
 from .headers import concurrency_item, policy_item, sf_string
-from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
+from .policies import ALGORITHMS, Concurrency, Policy, parse_limits
 
 __all__ = [
     "ENDPOINT_RULES",
@@ -236,7 +236,7 @@ class Rule:
                 concurrency = spec
             elif isinstance(spec, str):
                 try:
-                    policies.append(parse_limit(spec, self.algorithm))
+                    policies.extend(parse_limits(spec, self.algorithm))
                 except ConfigurationError as exc:
                     raise ConfigurationError(f"{label}: {exc}") from None
             else:

@@ -28,6 +28,7 @@ PUBLIC = {
     "SlidingWindowCounter",
     "Decision",
     "parse_limit",
+    "parse_limits",
     # storage
     "Backend",
     "MemoryBackend",

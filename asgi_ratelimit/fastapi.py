@@ -13,23 +13,27 @@ imports it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
 
-from fastapi import Depends
+import fastapi.routing
+from fastapi import Depends, FastAPI
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from ._context import current_guard
+from ._startup import _may_meet
 from .errors import ConfigurationError
 from .extractors import ClientIP, FirstOf, Header, JWTClaim
 from .headers import retry_after_seconds
+from .middleware import RateLimitMiddleware
 from .policies import Concurrency, Decision, Policy
-from .rules import CostFunc, Limits, Rule, guard_requests
+from .rules import ENDPOINT_RULES, CompiledLimits, CostFunc, Limits, Rule, guard_requests
 
-__all__ = ["RateLimit", "RateLimitExceeded"]
+__all__ = ["RateLimit", "RateLimitExceeded", "document_rate_limits"]
 
 # What FastAPI resolved for the RateLimit deciding now: (key, limits).  The RateLimit's Rule reads them from
 # here, so one compiled Rule serves every request; a context variable keeps concurrent requests apart.
@@ -112,7 +116,8 @@ class RateLimit:
             _check_dependency(self.label, "limits", self.limits_dependency)
         # Validated now, so a mistake fails when the module defining the route is imported.
         self._rules: dict[str, Rule] = {}
-        self._rule(name or "route")
+        #: The compiled limits (None when a dependency chooses them per request), for the OpenAPI description.
+        self.compiled = self._rule(name or "route").static
         self._rules.clear()
         self.__signature__ = self._signature()
         guard_requests()  # the middleware now gives each request the guard this dependency asks
@@ -226,3 +231,177 @@ def _check_dependency(label: str, role: str, func: Callable[..., Any]) -> None:
                 "parameter, which FastAPI would read from the query string; annotate it "
                 f"`{parameter.name}: Request`."
             )
+
+
+# -- OpenAPI -----------------------------------------------------------------------------------
+
+_PROBLEM_SCHEMA = {
+    "title": "RateLimitProblem",
+    "description": "The middleware's 429 (RFC 9457 problem details): a Rule or @rate_limit refused the request.",
+    "type": "object",
+    "required": ["type", "title", "status", "detail", "retry_after", "policies"],
+    "properties": {
+        "type": {"type": "string", "example": "about:blank"},
+        "title": {"type": "string", "example": "Too Many Requests"},
+        "status": {"type": "integer", "example": 429},
+        "detail": {"type": "string", "example": "Rate limit exceeded; retry in 7 seconds."},
+        "retry_after": {"type": "integer", "minimum": 0, "description": "Seconds to wait, as in Retry-After."},
+        "policies": {"type": "array", "items": {"type": "string"}, "description": "The limits that refused it."},
+    },
+}
+_DETAIL_SCHEMA = {
+    "title": "RateLimitExceeded",
+    "description": "FastAPI's answer to RateLimitExceeded: a RateLimit dependency refused the request.",
+    "type": "object",
+    "required": ["detail"],
+    "properties": {"detail": {"type": "string", "example": "Rate limit exceeded; retry in 7 seconds."}},
+}
+_HEADERS = {
+    "Retry-After": {
+        "description": "Seconds to wait before the request can succeed.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    "RateLimit": {
+        "description": 'The state of each limit (IETF RateLimit fields): `"name";r=<remaining>;t=<seconds to reset>`.',
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Policy": {
+        "description": 'Each limit (IETF RateLimit fields): `"name";q=<quota>;w=<window in seconds>`.',
+        "schema": {"type": "string"},
+    },
+}
+_LEGACY_HEADERS = {
+    "X-RateLimit-Limit": {"description": "The tightest limit's quota.", "schema": {"type": "integer"}},
+    "X-RateLimit-Remaining": {"description": "What the tightest limit has left.", "schema": {"type": "integer"}},
+    "X-RateLimit-Reset": {"description": "Seconds until the tightest limit resets.", "schema": {"type": "integer"}},
+}
+
+
+def document_rate_limits(app: FastAPI, *, rules: Sequence[Rule] | None = None) -> None:
+    """List a 429 response in the OpenAPI document for every operation that a RateLimit, a Rule or @rate_limit limits.
+
+    Args:
+        app: the FastAPI app; its ``openapi()`` is wrapped, as FastAPI's docs do to extend the schema.
+        rules: the middleware's Rules; by default read from the RateLimitMiddleware added with
+            ``app.add_middleware``.
+    """
+    original = app.openapi
+    documented: list[dict[str, Any]] = []  # the schema already documented (FastAPI builds it once and caches it)
+
+    def openapi() -> dict[str, Any]:
+        schema = original()
+        if not documented or documented[0] is not schema:
+            _document(app, schema, _middleware_rules(app) if rules is None else rules, _header_mode(app))
+            documented[:] = [schema]
+        return schema
+
+    # FastAPI's documented way to extend the schema is to replace this method on the app.
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _middleware_options(app: FastAPI) -> dict[str, Any]:
+    for cls, _, options in app.user_middleware:
+        if isinstance(cls, type) and issubclass(cls, RateLimitMiddleware):
+            return dict(options)
+    return {}
+
+
+def _middleware_rules(app: FastAPI) -> Sequence[Rule]:
+    rules: Sequence[Rule] = _middleware_options(app).get("rules", ())
+    return rules
+
+
+def _header_mode(app: FastAPI) -> str:
+    mode: str = _middleware_options(app).get("headers", "ietf")
+    return mode
+
+
+def _document(app: FastAPI, schema: dict[str, Any], rules: Sequence[Rule], mode: str) -> None:
+    """Add the 429 response and the limits' description to each limited operation of ``schema``, in place."""
+    paths = schema.get("paths", {})
+    used = set()
+    for route in _api_routes(app):
+        if not route.include_in_schema:
+            continue
+        dependencies = list(_dependencies(route))
+        marked: tuple[Rule, ...] = getattr(route.endpoint, ENDPOINT_RULES, ())
+        for method in sorted(route.methods or ()):
+            operation = paths.get(route.path_format, {}).get(method.lower())
+            if operation is None:
+                continue
+            matched = [
+                rule
+                for rule in rules
+                if (rule.methods is None or method in rule.methods) and _may_meet(rule, route.path_format, False)
+            ]
+            lines = [f"- `{rule.name}`: {_limits_text(rule.static, rule.dynamic)}" for rule in (*matched, *marked)]
+            for dependency in dependencies:
+                name = dependency.name or route.path
+                lines.append(f"- `{name}`: {_limits_text(dependency.compiled, dependency.limits_dependency)}")
+            if not lines:
+                continue
+            content: dict[str, Any] = {}
+            if matched or marked:
+                content["application/problem+json"] = {"schema": {"$ref": "#/components/schemas/RateLimitProblem"}}
+                used.add("RateLimitProblem")
+            if dependencies:
+                content["application/json"] = {"schema": {"$ref": "#/components/schemas/RateLimitExceeded"}}
+                used.add("RateLimitExceeded")
+            headers = {"Retry-After": _HEADERS["Retry-After"]}
+            if mode in ("ietf", "both"):
+                headers.update(_HEADERS)
+            if mode in ("legacy", "both"):
+                headers.update(_LEGACY_HEADERS)
+            operation.setdefault("responses", {})["429"] = {
+                "description": "Too Many Requests: a rate limit refused the request; retry after Retry-After seconds.",
+                "headers": headers,
+                "content": content,
+            }
+            summary = "**Rate limits** (a 429 when one is exceeded):\n\n" + "\n".join(lines)
+            description = operation.get("description")
+            operation["description"] = f"{description}\n\n{summary}" if description else summary
+    if used:
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        if "RateLimitProblem" in used:
+            components["RateLimitProblem"] = _PROBLEM_SCHEMA
+        if "RateLimitExceeded" in used:
+            components["RateLimitExceeded"] = _DETAIL_SCHEMA
+
+
+def _api_routes(app: FastAPI) -> Iterator[Any]:
+    """The app's API routes as its OpenAPI document lists them, with their routers' prefixes and dependencies."""
+    contexts = getattr(fastapi.routing, "iter_route_contexts", None)
+    if contexts is None:  # a FastAPI whose include_router copies the routes into app.routes
+        yield from (route for route in app.routes if isinstance(route, APIRoute))
+        return
+    for context in contexts(app.routes):  # a FastAPI that keeps included routers whole: each route in context
+        if isinstance(context.original_route, APIRoute):
+            yield context
+
+
+def _dependencies(route: Any) -> Iterator[RateLimit]:
+    """The RateLimit dependencies of ``route``: its own, its routers' and the app's, at any depth."""
+    pending = list(route.dependant.dependencies)
+    while pending:
+        dependant = pending.pop(0)
+        if isinstance(dependant.call, RateLimit):
+            yield dependant.call
+        pending.extend(dependant.dependencies)
+
+
+def _limits_text(compiled: CompiledLimits | None, chooser: Callable[..., Any] | None) -> str:
+    """The limits in words: "100 per 1 hour, 10 per 1 second", or who chooses them per request."""
+    if compiled is None:
+        return "chosen per request" if chooser is None else f"chosen per request by `{_describe(chooser)}`"
+    texts = [f"{policy.quota} per {_window_text(policy.window_seconds)}" for policy in compiled.policies]
+    if compiled.concurrency is not None:
+        texts.append(f"{compiled.concurrency.limit} at a time")
+    return ", ".join(texts)
+
+
+def _window_text(seconds: int) -> str:
+    for unit, length in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds % length == 0:
+            count = seconds // length
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} second{'s' if seconds != 1 else ''}"

@@ -78,7 +78,7 @@ def test_version() -> None:
 def test_the_fastapi_module_lists_its_names() -> None:
     import asgi_ratelimit.fastapi as module
 
-    assert set(module.__all__) == {"RateLimit", "RateLimitExceeded"}
+    assert set(module.__all__) == {"RateLimit", "RateLimitExceeded", "document_rate_limits"}
     for name in module.__all__:
         doc = getattr(module, name).__doc__
         assert isinstance(doc, str) and inspect.cleandoc(doc).splitlines()[0].endswith("."), name

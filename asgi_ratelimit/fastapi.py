@@ -13,6 +13,7 @@ imports it.
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import fastapi.routing
 from fastapi import Depends, FastAPI
 from fastapi.routing import APIRoute
-from starlette.exceptions import HTTPException
+from starlette.exceptions import HTTPException, WebSocketException
 from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
@@ -40,6 +41,8 @@ __all__ = ["RateLimit", "RateLimitExceeded", "document_rate_limits"]
 _resolved: ContextVar[tuple[str | None, Any]] = ContextVar("asgi_ratelimit_resolved", default=(None, None))
 
 _EXTRACTORS = (ClientIP, Header, JWTClaim, FirstOf)
+# Per app (its middleware): route path -> the RateLimit without a name that counts under it.
+_unnamed_owners: weakref.WeakKeyDictionary[object, dict[str, RateLimit]] = weakref.WeakKeyDictionary()
 # Rules a RateLimit without a name keeps, one per route; past this many, something names routes per request.
 _RULES_KEPT = 1024
 
@@ -114,6 +117,8 @@ class RateLimit:
             _check_dependency(self.label, "key", self.key)
         if self.limits_dependency is not None:
             _check_dependency(self.label, "limits", self.limits_dependency)
+        else:
+            _refuse_concurrency(self.label, limits)
         # Validated now, so a mistake fails when the module defining the route is imported.
         self._rules: dict[str, Rule] = {}
         #: The compiled limits (None when a dependency chooses them per request), for the OpenAPI description.
@@ -185,6 +190,8 @@ class RateLimit:
                 f"{self.label}: the key dependency {_describe(self.key)} returned {key!r}; it must return a "
                 "string, or None for a request that is not limited."
             )
+        if self.limits_dependency is not None:
+            _refuse_concurrency(f"{self.label}: the limits dependency {_describe(self.limits_dependency)}", limits)
         name = self.rule_name(connection.scope)
         rule = self._rules.get(name) or self._named_rule(name, guard)
         token = _resolved.set((key if isinstance(key, str) else None, limits))
@@ -194,6 +201,12 @@ class RateLimit:
             _resolved.reset(token)
         if refusal is None:
             return
+        if connection.scope["type"] == "websocket":
+            # A handshake refused before accept has no response to carry the headers: close it, as the middleware
+            # does where the server cannot send a denial response (1008, or 1013 "try again later" for a 503).
+            too_many = refusal.status == 429
+            code, reason = (1008, "Too Many Requests") if too_many else (1013, "Service Unavailable")
+            raise WebSocketException(code=code, reason=reason)
         headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in refusal.headers}
         if refusal.status == 429:
             raise RateLimitExceeded(refusal.decisions, headers)
@@ -204,14 +217,34 @@ class RateLimit:
         )
 
     def _named_rule(self, name: str, guard: object) -> Rule:
-        """A new route's Rule; its name must not be a middleware rule's, whose counts and headers it would share."""
-        rules: Sequence[Rule] = getattr(getattr(guard, "middleware", None), "rules", ())
+        """A new route's Rule.  Its name must be its own: a middleware Rule's, or another unnamed RateLimit's on the
+        same route, would mix their counts and headers under one name."""
+        middleware = getattr(guard, "middleware", None)
+        rules: Sequence[Rule] = getattr(middleware, "rules", ())
         if any(rule.name == name for rule in rules):
             raise ConfigurationError(
                 f"{self.label}: a middleware Rule is named {name!r} too, so both would count under one name; "
                 "give one of them another name=."
             )
+        if self.name is None and middleware is not None:
+            owners = _unnamed_owners.setdefault(middleware, {})
+            owner = owners.setdefault(name, self)
+            if owner is not self:
+                raise ConfigurationError(
+                    f"{self.label} and {owner.label} both limit the route {name!r} without a name=, so both would "
+                    f"be named {name!r}; give one of them a name=."
+                )
         return self._rule(name)
+
+
+def _refuse_concurrency(label: str, limits: object) -> None:
+    """A dependency returns before the endpoint runs, so a concurrency slot would be given back before it is used."""
+    specs = limits if isinstance(limits, (list, tuple)) else [limits]
+    if any(isinstance(spec, Concurrency) for spec in specs):
+        raise ConfigurationError(
+            f"{label}: a Concurrency limit cannot be a dependency's (its slot would be given back before the "
+            f"endpoint runs), got {limits!r}; put it in a middleware Rule or on the endpoint with @rate_limit."
+        )
 
 
 def _describe(func: Callable[..., Any]) -> str:

@@ -6,6 +6,7 @@ must make the same decisions; the tests below check that request by request, on 
 
 from __future__ import annotations
 
+import asyncio
 import random
 import subprocess
 import sys
@@ -21,11 +22,14 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, PlainTextResponse
-from test_middleware import assert_problem_429, policies_of, state_of
+from starlette.types import Message
+from starlette.websockets import WebSocket
+from test_middleware import Channel, assert_problem_429, policies_of, state_of, ws_scope
 from test_uvicorn import closing, serve
 
 from asgi_ratelimit import (
     Backend,
+    Concurrency,
     ConfigurationError,
     Header,
     MemoryBackend,
@@ -249,6 +253,32 @@ class TestBackendFailure:
         await backend.aclose()
 
 
+class TestWebsocket:
+    async def test_a_refused_handshake_is_closed_with_1008(self, mw_backend: Backend) -> None:
+        app = FastAPI()
+
+        @app.websocket("/ws", dependencies=[Depends(RateLimit("1/minute", key=by_header))])
+        async def echo(websocket: WebSocket) -> None:
+            await websocket.accept()
+            await websocket.send_text("hello")
+            await websocket.close()
+
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=2.0, registry=CollectorRegistry())
+
+        async def handshake(user: str) -> list[Message]:
+            channel = Channel({"type": "websocket.connect"})
+            await asyncio.wait_for(app(ws_scope("/ws", {"x-user": user}, {}), channel.receive, channel.send), 5)
+            return channel.sent
+
+        first = await handshake("ann")
+        assert [m["type"] for m in first] == ["websocket.accept", "websocket.send", "websocket.close"]
+        refused = await handshake("ann")
+        assert [(m["type"], m.get("code"), m.get("reason")) for m in refused] == [
+            ("websocket.close", 1008, "Too Many Requests")
+        ]
+        assert (await handshake("bob"))[0]["type"] == "websocket.accept"
+
+
 class TestConfiguration:
     async def test_without_the_middleware_the_first_request_says_so(self) -> None:
         app = FastAPI()
@@ -284,6 +314,40 @@ class TestConfiguration:
         async with client_for(app) as client:
             with pytest.raises(ConfigurationError, match="returned 42"):
                 await client.get("/")
+
+    def test_a_concurrency_limit_is_refused(self) -> None:
+        with pytest.raises(ConfigurationError, match="a Concurrency limit cannot be a dependency's"):
+            RateLimit(["1/second", Concurrency(2, timeout=30)])
+
+    async def test_a_concurrency_limit_from_a_limits_dependency_is_refused(self) -> None:
+        app = FastAPI()
+
+        @app.get("/", dependencies=[Depends(RateLimit(lambda: Concurrency(2, timeout=30), name="slots"))])
+        async def root() -> str:
+            return "ok"
+
+        app.add_middleware(RateLimitMiddleware, backend=MemoryBackend(), registry=CollectorRegistry())
+        async with client_for(app) as client:
+            with pytest.raises(ConfigurationError, match=r"the limits dependency .*<lambda>: a Concurrency limit"):
+                await client.get("/")
+
+    async def test_two_unnamed_limits_on_one_route_are_refused(self) -> None:
+        app = FastAPI(dependencies=[Depends(RateLimit("100/minute"))])
+
+        @app.get("/x", dependencies=[Depends(RateLimit("5/minute"))])
+        async def x() -> str:
+            return "ok"
+
+        @app.get("/y")
+        async def y() -> str:
+            return "ok"
+
+        app.add_middleware(RateLimitMiddleware, backend=MemoryBackend(), registry=CollectorRegistry())
+        async with client_for(app) as client:
+            assert (await client.get("/y")).status_code == 200  # one unnamed limit there
+            with pytest.raises(ConfigurationError, match=r"both limit the route '/x' without a name=") as info:
+                await client.get("/x")
+            assert "RateLimit('100/minute')" in str(info.value) and "RateLimit('5/minute')" in str(info.value)
 
     async def test_a_name_shared_with_a_middleware_rule_is_refused(self) -> None:
         app = FastAPI()

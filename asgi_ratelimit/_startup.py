@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from starlette.routing import Match
+
 from .backends import Backend, MemoryBackend, RedisBackend
 from .errors import ConfigurationError
 from .rules import Rule
@@ -131,17 +133,39 @@ def check_rules_reach_routes(rules: Sequence[Rule], app: Any) -> None:
         return
     paths = _route_paths(routes, "")
     if paths is None:
-        logger.debug("asgi_ratelimit: the app's routes cannot all be read; rules are not checked against them")
+        # Some router keeps its routes to itself (FastAPI's included routers do): ask the routes whether
+        # they would take the one path an exact rule names, through the routing interface every route has.
+        for rule in rules:
+            if rule.exact_path is not None and not _routed(routes, rule.exact_path):
+                _warn(rule, "")
         return
     templates = list(paths)
-    unreachable = [rule for rule in rules if not any(_may_meet(rule, t, mount) for t, mount in templates)]
-    for rule in unreachable:
-        logger.warning(
-            "asgi_ratelimit: rule %r (path %r) matches none of the app's routes, so it limits nothing; routes are: %s",
-            rule.name,
-            rule.path if isinstance(rule.path, str) else rule.path.pattern,
-            ", ".join(sorted({t for t, _ in templates}))[:500],
-        )
+    listing = ", ".join(sorted({t for t, _ in templates}))[:500]
+    for rule in rules:
+        if not any(_may_meet(rule, t, mount) for t, mount in templates):
+            _warn(rule, f"; routes are: {listing}")
+
+
+def _warn(rule: Rule, routes: str) -> None:
+    logger.warning(
+        "asgi_ratelimit: rule %r (path %r) matches none of the app's routes, so it limits nothing%s",
+        rule.name,
+        rule.path if isinstance(rule.path, str) else rule.path.pattern,
+        routes,
+    )
+
+
+def _routed(routes: Sequence[Any], path: str) -> bool:
+    """Whether some route takes ``path`` (for any method); True when a route cannot say."""
+    for route in routes:
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "headers": [], "query_string": b""}
+        try:
+            match, _ = route.matches(scope)
+        except Exception:
+            return True  # no verdict, no warning
+        if match is not Match.NONE:
+            return True
+    return False
 
 
 def _may_meet(rule: Rule, template: str, mount: bool) -> bool:

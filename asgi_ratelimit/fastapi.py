@@ -29,7 +29,7 @@ from ._context import current_guard
 from ._startup import _may_meet
 from .errors import ConfigurationError
 from .extractors import ClientIP, FirstOf, Header, JWTClaim
-from .headers import retry_after_seconds
+from .headers import QUOTA_EXCEEDED, retry_after_seconds
 from .middleware import RateLimitMiddleware
 from .policies import Concurrency, Decision, Policy
 from .rules import ENDPOINT_RULES, CompiledLimits, CostFunc, Limits, Rule, guard_requests
@@ -270,16 +270,20 @@ def _check_dependency(label: str, role: str, func: Callable[..., Any]) -> None:
 
 _PROBLEM_SCHEMA = {
     "title": "RateLimitProblem",
-    "description": "The middleware's 429 (RFC 9457 problem details): a Rule or @rate_limit refused the request.",
+    "description": "The middleware's 429, the quota-exceeded problem (RFC 9457): a Rule or @rate_limit refused it.",
     "type": "object",
-    "required": ["type", "title", "status", "detail", "retry_after", "policies"],
+    "required": ["type", "title", "status", "detail", "retry_after", "violated-policies"],
     "properties": {
-        "type": {"type": "string", "example": "about:blank"},
-        "title": {"type": "string", "example": "Too Many Requests"},
+        "type": {"type": "string", "example": QUOTA_EXCEEDED},
+        "title": {"type": "string", "example": "Quota Exceeded"},
         "status": {"type": "integer", "example": 429},
         "detail": {"type": "string", "example": "Rate limit exceeded; retry in 7 seconds."},
         "retry_after": {"type": "integer", "minimum": 0, "description": "Seconds to wait, as in Retry-After."},
-        "policies": {"type": "array", "items": {"type": "string"}, "description": "The limits that refused it."},
+        "violated-policies": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "The names of the limits that refused it, as in RateLimit-Policy.",
+        },
     },
 }
 _DETAIL_SCHEMA = {

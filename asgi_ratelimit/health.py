@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.types import Receive, Scope, Send
 
+from ._scope import route_path
 from .errors import BackendError, ConfigurationError
 from .limiter import Limiter
 
@@ -75,8 +76,6 @@ class OperationsApp:
             return
         if scope["type"] != "http":
             return  # a websocket handshake left unanswered is refused by the server
-        from .middleware import route_path  # here: the middleware imports this module
-
         await self.serve(route_path(scope), scope, send)
 
     async def serve(self, path: str, scope: Scope, send: Send) -> None:

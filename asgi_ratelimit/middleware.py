@@ -22,13 +22,16 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._context import Refusal, current_guard
+from ._scope import route_path
 from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
 from .backends.base import Backend, Hit
 from .errors import BackendError, ConfigurationError
 from .headers import (
     HEADER_NAMES,
+    QUOTA_EXCEEDED,
     HeaderMode,
     check_mode,
+    item_name,
     one_limit_headers,
     rate_limit_headers,
     retry_after_seconds,
@@ -45,15 +48,6 @@ logger = logging.getLogger("asgi_ratelimit")
 OnLimited = Callable[[HTTPConnection, Sequence[Decision]], Awaitable[ASGIApp] | ASGIApp]
 ExemptPredicate = Callable[[HTTPConnection], bool | Awaitable[bool]]
 Exempt = Iterable[str] | ExemptPredicate
-
-
-def route_path(scope: Scope) -> str:
-    """The path the app routes on: ``scope["path"]`` without the ``root_path`` it is mounted under."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root) :] or "/"
-    return path
 
 
 class RateLimitMiddleware:
@@ -276,6 +270,8 @@ class RateLimitMiddleware:
                     limits = rule.limits_for(request)
                     cost = rule.cost_for(request)
                 identity = rule.identity(value)
+                if rule.partition_secret is not None:  # this key's header items carry its pk
+                    limits = rule.partitioned(limits, identity)
                 for policy in limits.policies:
                     hits.append((identity, policy, cost))
                 spans.append((rule.name, identity, len(limits.policies)))
@@ -437,7 +433,8 @@ class RateLimitMiddleware:
                 violated.append(name)
                 wait = max(wait, retry_after_seconds(decision))
                 never = never or decision.never
-        # A flood repeats the same few bodies: build each once (bounded, as rules and waits are few).
+        # A flood repeats the same few bodies: build each once (bounded: a rule with a pk names each key's items
+        # apart, so its bodies are as many as the keys refused, and the cache starts over at 1024).
         body_key = (tuple(violated), wait, never)
         body = self._deny_bodies.get(body_key)
         if body is None:
@@ -446,13 +443,15 @@ class RateLimitMiddleware:
                 if never
                 else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
             )
+            # The draft's quota-exceeded problem: clients act on "violated-policies" (the names the
+            # RateLimit-Policy items carry) and "retry_after" without parsing the detail.
             problem = {
-                "type": "about:blank",
-                "title": "Too Many Requests",
+                "type": QUOTA_EXCEEDED,
+                "title": "Quota Exceeded",
                 "status": 429,
                 "detail": detail,
                 "retry_after": wait,
-                "policies": [json.loads(name) for name in violated],
+                "violated-policies": [item_name(name) for name in violated],
             }
             body = _problem_body(problem)
             if len(self._deny_bodies) >= 1024:

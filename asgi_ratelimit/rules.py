@@ -7,6 +7,7 @@ strings become policies, and every mistake raises ConfigurationError naming the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -22,9 +23,10 @@ from starlette.routing import compile_path
 from starlette.types import Scope
 
 from ._context import current_guard
+from ._partition import partition_key, partition_secret
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
-from .headers import concurrency_item, policy_item, sf_string
+from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
 from .policies import ALGORITHMS, Concurrency, Policy, parse_limits
 
 __all__ = [
@@ -45,8 +47,11 @@ CostFunc = Callable[[HTTPConnection], int]
 
 # Separates the rule's name from the extracted key in the identity the backend hashes.
 IDENTITY_SEPARATOR = "\x1f"
-# Identities a rule remembers (see Rule.identity): beyond this many keys, it starts over.
+# Identities a rule remembers (see Rule.identity), and keys' header items (see Rule.partitioned): beyond
+# this many keys, it starts over.
 _IDENTITIES_KEPT = 10_000
+# The quota units a rate rule may count in; "concurrent-requests" belongs to Concurrency limits.
+_RATE_UNITS = tuple(unit for unit in QUOTA_UNITS if unit != "concurrent-requests")
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
@@ -56,7 +61,7 @@ class CompiledLimits:
 
     policies: tuple[Policy, ...]
     policy_items: tuple[str, ...]  # RateLimit-Policy items
-    item_names: tuple[str, ...]  # the same names as RFC 9651 Strings, for RateLimit
+    item_names: tuple[str, ...]  # the same names as RFC 9651 Strings, each with its pk if any, for RateLimit
     concurrency: Concurrency | None = None  # at most this many requests in flight per key
     concurrency_item: str = ""  # its RateLimit-Policy item
     concurrency_name: str = ""  # its name as an RFC 9651 String
@@ -84,6 +89,11 @@ class Rule:
         cost: units each request takes: an int or a callable of the request.
         name: the name used in headers and metrics; derived from the path when absent.
         fail_open: overrides the middleware's ``fail_open`` for this rule when not None.
+        quota_unit: what the cost counts, as RateLimit-Policy's ``qu`` says: ``"requests"`` (the
+            default, not sent) or ``"content-bytes"`` (a cost callable that returns the request's size).
+        partition_key: add ``pk``, an opaque keyed hash of the client's key, to the rule's header
+            items: ``True`` with a random secret of this process, or a secret (at least 16 bytes)
+            shared by every process that counts together.  Default False.
     """
 
     def __init__(
@@ -97,6 +107,8 @@ class Rule:
         cost: int | CostFunc = 1,
         name: str | None = None,
         fail_open: bool | None = None,
+        quota_unit: str = "requests",
+        partition_key: bool | bytes | str = False,
     ) -> None:
         self.path = path
         self.exact_path: str | None = None
@@ -159,6 +171,16 @@ class Rule:
         if fail_open is not None and not isinstance(fail_open, bool):
             raise ConfigurationError(f"{label}: fail_open must be True, False or None, got {fail_open!r}.")
         self.fail_open = fail_open
+        if quota_unit not in _RATE_UNITS:
+            raise ConfigurationError(
+                f"{label}: quota_unit must be one of {', '.join(map(repr, _RATE_UNITS))}, got {quota_unit!r}"
+                + (" (a Concurrency limit says it by itself)." if quota_unit == "concurrent-requests" else ".")
+            )
+        self.quota_unit = quota_unit
+        #: The HMAC secret of the rule's pk values; None when its headers carry no pk.
+        self.partition_secret = partition_secret(label, partition_key)
+        #: key -> (its limits, the same with the key's pk in every item), for the keys seen lately.
+        self._partitioned: dict[str, tuple[CompiledLimits, CompiledLimits]] = {}
         self.dynamic: DynamicLimits | None = None
         self.static: CompiledLimits | None = None
         self._dynamic_cache: dict[Any, CompiledLimits] = {}
@@ -168,10 +190,16 @@ class Rule:
             self.static = self.compile_limits(limits)
         #: key -> identity, for the keys seen lately (see identity()).
         self.identities: dict[str, str] = {}
-        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request.
+        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request,
+        #: and its header items are the same for every key (no pk).
         self.from_scope: tuple[Callable[[Scope], str | None], CompiledLimits, int] | None = None
         scope_key = scope_reader(self.key)  # a built-in extractor reads the scope alone
-        if scope_key is not None and self.static is not None and isinstance(self.cost, int):
+        if (
+            scope_key is not None
+            and self.static is not None
+            and isinstance(self.cost, int)
+            and self.partition_secret is None
+        ):
             self.from_scope = (scope_key, self.static, self.cost)
 
     def __repr__(self) -> str:
@@ -189,6 +217,31 @@ class Rule:
                 self.identities.clear()
             identity = self.identities[key] = self.name + IDENTITY_SEPARATOR + key
         return identity
+
+    def partitioned(self, limits: CompiledLimits, identity: str) -> CompiledLimits:
+        """``limits`` with the pk of ``identity`` in every header item (remembered per key, as identity() is)."""
+        secret = self.partition_secret
+        if secret is None:
+            return limits
+        cached = self._partitioned.get(identity)
+        if cached is not None and cached[0] is limits:
+            return cached[1]
+        pk = ";pk=" + partition_key(secret, identity)
+        items = tuple(item + pk for item in limits.policy_items)
+        names = tuple(name + pk for name in limits.item_names)
+        keyed = dataclasses.replace(
+            limits,
+            policy_items=items,
+            item_names=names,
+            concurrency_item=limits.concurrency_item and limits.concurrency_item + pk,
+            concurrency_name=limits.concurrency_name + pk,
+            policy_header=", ".join(items).encode("ascii"),
+            state_format=None if limits.state_format is None else state_format_of(names[0]),
+        )
+        if len(self._partitioned) >= _IDENTITIES_KEPT:
+            self._partitioned.clear()
+        self._partitioned[identity] = (limits, keyed)
+        return keyed
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this rule applies to a request of ``method`` on ``path``."""
@@ -245,14 +298,13 @@ class Rule:
             raise ConfigurationError(f"{label}: the same limit appears twice in {limits!r}.")
         names = _item_names(self.name, policies)
         concurrency_name = f"{self.name}:concurrency" if policies else self.name
-        items = tuple(policy_item(n, p.quota, p.window_seconds) for n, p in zip(names, policies, strict=True))
+        unit = self.quota_unit
+        items = tuple(policy_item(n, p.quota, p.window_seconds, unit) for n, p in zip(names, policies, strict=True))
         return CompiledLimits(
             policies=tuple(policies),
             policy_items=items,
             policy_header=", ".join(items).encode("ascii"),
-            state_format=(
-                (sf_string(names[0]).replace("%", "%%") + ";r=%d;t=%d").encode("ascii") if len(policies) == 1 else None
-            ),
+            state_format=state_format_of(sf_string(names[0])) if len(policies) == 1 else None,
             item_names=tuple(sf_string(n) for n in names),
             concurrency=concurrency,
             concurrency_item="" if concurrency is None else concurrency_item(concurrency_name, concurrency.limit),
@@ -317,14 +369,11 @@ def guard_requests() -> None:
 
 @dataclass(frozen=True)
 class _Mark:
-    """One @rate_limit's arguments."""
+    """One @rate_limit's arguments: its limits, its name, and the rest of the Rule's keyword arguments."""
 
     limits: Limits | DynamicLimits
-    key: KeyFunc | None
-    algorithm: str
-    cost: int | CostFunc
     name: str | None
-    fail_open: bool | None
+    options: dict[str, Any]
 
 
 def rate_limit(
@@ -335,16 +384,25 @@ def rate_limit(
     cost: int | CostFunc = 1,
     name: str | None = None,
     fail_open: bool | None = None,
+    quota_unit: str = "requests",
+    partition_key: bool | bytes | str = False,
 ) -> Callable[[EndpointT], EndpointT]:
     """Limit a Starlette or FastAPI endpoint; RateLimitMiddleware decides when the endpoint is called.
 
-    Put it directly above the function, below the route decorator.  The limits are validated here,
-    when the module defining the endpoint is imported.  The rule is named ``name``, or after the
-    endpoint (``module.function``).
+    Put it directly above the function, below the route decorator.  The arguments are Rule's; the
+    limits are validated here, when the module defining the endpoint is imported.  The rule is named
+    ``name``, or after the endpoint (``module.function``).
     """
-    # Validate now, so a bad limit fails at import time.
-    Rule("/", limits, key=key, algorithm=algorithm, cost=cost, name=name or "route", fail_open=fail_open)
-    mark = _Mark(limits, key, algorithm, cost, name, fail_open)
+    options: dict[str, Any] = {
+        "key": key,
+        "algorithm": algorithm,
+        "cost": cost,
+        "fail_open": fail_open,
+        "quota_unit": quota_unit,
+        "partition_key": partition_key,
+    }
+    Rule("/", limits, name=name or "route", **options)  # validate now, so a bad limit fails at import time
+    mark = _Mark(limits, name, options)
 
     def decorate(endpoint: EndpointT) -> EndpointT:
         if inspect.isclass(endpoint) or not callable(endpoint):
@@ -372,17 +430,7 @@ def _limited(endpoint: Callable[..., Any], marks: tuple[_Mark, ...]) -> Callable
         name = mark.name or (base if unnamed == 1 else f"{base}#{index + 1}")
         if any(rule.name == name for rule in rules):
             raise ConfigurationError(f"@rate_limit on {base}: two limits are named {name!r}; give each its own name=.")
-        rules.append(
-            Rule(
-                "/",
-                mark.limits,
-                key=mark.key,
-                algorithm=mark.algorithm,
-                cost=mark.cost,
-                name=name,
-                fail_open=mark.fail_open,
-            )
-        )
+        rules.append(Rule("/", mark.limits, name=name, **mark.options))
     applied = tuple(rules)
     is_async = _is_async(endpoint)
 

@@ -103,8 +103,8 @@ def assert_problem_429(response: httpx.Response) -> dict[str, Any]:
     assert response.headers["cache-control"] == "no-store"
     assert response.headers["content-type"] == "application/problem+json"
     body: dict[str, Any] = response.json()
-    assert body["type"] == "about:blank"
-    assert body["title"] == "Too Many Requests"
+    assert body["type"] == "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    assert body["title"] == "Quota Exceeded"
     assert body["status"] == 429
     assert isinstance(body["detail"], str) and body["detail"]
     assert body["retry_after"] == int(response.headers["retry-after"])
@@ -237,7 +237,7 @@ class TestDecisions:
             assert (await client.get("/users/1", headers={"x-user": "ann"})).status_code == 200
             denied = await client.get("/users/1", headers={"x-user": "ann"})
         body = assert_problem_429(denied)
-        assert body["policies"] == ["users"]
+        assert body["violated-policies"] == ["users"]
         assert policies_of(denied) == {"users": {"q": 1, "w": 60}}
         state = state_of(denied)
         assert state["users"]["r"] == 0
@@ -326,7 +326,7 @@ class TestSeveralLimits:
             other = await client.get("/other")
         assert [r.status_code for r in responses] == [200, 200, 200, 429]
         assert set(policies_of(responses[0])) == {"per-user", "global"}
-        assert assert_problem_429(responses[3])["policies"] == ["per-user"]
+        assert assert_problem_429(responses[3])["violated-policies"] == ["per-user"]
         # The denied request took nothing from the rule that allowed it: all of a hit, or none.
         assert state_of(responses[3])["global"]["r"] == 97
         assert state_of(other)["global"]["r"] == 96
@@ -344,11 +344,11 @@ class TestSeveralLimits:
             fourth = await client.get("/users/1", headers={"x-user": "ann"})
         assert [r.status_code for r in ok] == [200, 200]
         assert policies_of(ok[0]) == {"users:10s": {"q": 2, "w": 10}, "users:60s": {"q": 3, "w": 60}}
-        assert assert_problem_429(burst)["policies"] == ["users:10s"]
+        assert assert_problem_429(burst)["violated-policies"] == ["users:10s"]
         assert int(burst.headers["retry-after"]) == 10
         assert state_of(burst)["users:10s"] == {"r": 0, "t": 10}
         assert third.status_code == 200
-        assert assert_problem_429(fourth)["policies"] == ["users:60s"]
+        assert assert_problem_429(fourth)["violated-policies"] == ["users:60s"]
         retry_after = int(fourth.headers["retry-after"])
         assert retry_after == state_of(fourth)["users:60s"]["t"] == 40
 
@@ -364,7 +364,7 @@ class TestSeveralLimits:
             await client.get("/users/1", headers={"x-user": "ann"})
             clock.advance(0.5)
             denied = await client.get("/users/1", headers={"x-user": "ann"})
-        assert sorted(assert_problem_429(denied)["policies"]) == ["long", "short"]
+        assert sorted(assert_problem_429(denied)["violated-policies"]) == ["long", "short"]
         state = state_of(denied)
         assert state["short"]["t"] == 10  # 9.5 s, rounded up
         assert state["long"]["t"] == 60  # 59.5 s, rounded up

@@ -8,6 +8,7 @@ import httpx
 import pytest
 from conftest import free_port
 from fastapi import APIRouter, Depends, FastAPI
+from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 from prometheus_client import CollectorRegistry
 from starlette.requests import Request
@@ -82,7 +83,7 @@ def test_the_document_is_valid_openapi_with_the_429s() -> None:
         assert set(response["headers"]) == {"Retry-After", "RateLimit", "RateLimit-Policy"}
         assert response["headers"]["Retry-After"]["schema"] == {"type": "integer", "minimum": 0}
     problem = schema["components"]["schemas"]["RateLimitProblem"]
-    assert set(problem["required"]) == {"type", "title", "status", "detail", "retry_after", "policies"}
+    assert set(problem["required"]) == {"type", "title", "status", "detail", "retry_after", "violated-policies"}
     assert schema["components"]["schemas"]["RateLimitExceeded"]["required"] == ["detail"]
 
 
@@ -148,3 +149,19 @@ def test_served_over_real_http() -> None:
     assert "429" in schema["paths"]["/me"]["get"]["responses"]
     assert docs.status_code == 200
     assert free_port()  # the server is gone: its port is free again or another one is
+
+
+async def test_the_bodies_sent_match_the_schemas_documented() -> None:
+    """The 429s a client gets, from the middleware and from the dependency, validate against the document."""
+    app = build_app()
+    components = app.openapi()["components"]["schemas"]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+        logins = [await client.post("/login", headers={"x-client": "c"}) for _ in range(6)]
+        mine = [await client.get("/me", headers={"authorization": "User ann"}) for _ in range(3)]
+    assert logins[5].status_code == 429 and mine[2].status_code == 429
+    assert logins[5].headers["content-type"] == "application/problem+json"
+    OAS31Validator(components["RateLimitProblem"]).validate(logins[5].json())
+    assert mine[2].headers["content-type"] == "application/json"
+    OAS31Validator(components["RateLimitExceeded"]).validate(mine[2].json())
+    # The check can fail: FastAPI's body is not the middleware's problem.
+    assert not OAS31Validator(components["RateLimitProblem"]).is_valid(mine[2].json())

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from conftest import free_port
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection, Request
 from starlette.responses import PlainTextResponse
@@ -106,6 +106,28 @@ class TestRulesThatMatchNothing:
         with caplog.at_level(logging.WARNING, logger="asgi_ratelimit"):
             await run_lifespan(app)
         assert any("'typo'" in m for m in warnings_of(caplog))
+
+    async def test_a_fastapi_app_built_from_included_routers(self, caplog: pytest.LogCaptureFixture) -> None:
+        router = APIRouter(prefix="/v1")
+
+        @router.get("/items")
+        async def items() -> list[int]:
+            return []
+
+        app = FastAPI()
+        app.include_router(router, prefix="/api")
+        app.add_middleware(
+            RateLimitMiddleware,
+            rules=[
+                Rule("/api/v1/itemz", "5/minute", name="typo"),
+                Rule("/api/v1/items", "5/minute", name="items"),
+                Rule("/api/{rest:path}", "5/minute", name="everything"),
+            ],
+        )
+        with caplog.at_level(logging.WARNING, logger="asgi_ratelimit"):
+            await run_lifespan(app)
+        warned = warnings_of(caplog)
+        assert len(warned) == 1 and "'typo'" in warned[0], warned
 
 
 class TestBackendURL:

@@ -129,7 +129,7 @@ def test_limits_over_real_http(kind: str, make_backend: Callable[[], Backend]) -
     assert policies_of(responses[0]) == {"users": {"q": 2, "w": 60}}
     assert [state_of(r)["users"]["r"] for r in responses] == [1, 0, 0]
     body = assert_problem_429(responses[2])
-    assert body["policies"] == ["users"]
+    assert body["violated-policies"] == ["users"]
     assert state_of(responses[2])["users"]["t"] <= int(responses[2].headers["retry-after"])
     assert other_user.status_code == 200
     assert [r.status_code for r in marked] == [200, 429]

@@ -221,6 +221,20 @@ class TestInProcess:
         assert int(responses[2].headers["retry-after"]) >= 1
         assert state_of(responses[2])["/me"]["r"] == 0
 
+    async def test_dependency_overrides_turn_a_limit_off(self, mw_backend: Backend) -> None:
+        limit = RateLimit("1/minute", key=by_header)
+        app = FastAPI()
+
+        @app.get("/", dependencies=[Depends(limit)])
+        async def root() -> str:
+            return "ok"
+
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, registry=CollectorRegistry())
+        async with client_for(app) as client:
+            assert [(await client.get("/", headers={"x-user": "a"})).status_code for _ in range(2)] == [200, 429]
+            app.dependency_overrides[limit] = lambda: None
+            assert (await client.get("/", headers={"x-user": "a"})).status_code == 200
+
 
 class TestBackendFailure:
     @pytest.mark.parametrize("fail_open", [True, False])

@@ -571,9 +571,12 @@ class _Guard:
         async def capture(message: Message) -> None:
             answer.append(message)
 
+        # A refused websocket handshake is answered by the dependency's exception, not here: the middleware
+        # must not take the connect message the app's own WebSocket is still to receive.
+        receive = self.receive if self.scope["type"] == "http" else _connect_message
         self.refusals = []
         try:
-            await self.middleware._apply(rules, proceed, self.scope, self.receive, capture, self)
+            await self.middleware._apply(rules, proceed, self.scope, receive, capture, self)
             refusals = self.refusals
         finally:
             self.refusals = None
@@ -584,7 +587,9 @@ class _Guard:
             self.add(headers)  # with the headers of the limits that allowed it, so a handler's response has all
             return Refusal(429, decisions, list(self.headers))
         # The backend failed and a rule fails closed: the middleware answered 503.
-        start = next(m for m in answer if m["type"].endswith("response.start"))
+        start = next((m for m in answer if m["type"].endswith("response.start")), None)
+        if start is None:  # a websocket handshake closed (no denial response): the middleware's 503 answer
+            return Refusal(503, (), [(b"retry-after", b"1")])
         retry = [(name, value) for name, value in start.get("headers", ()) if name == b"retry-after"]
         return Refusal(int(start["status"]), (), retry)
 
@@ -620,6 +625,10 @@ class _Replay(Response):
                 # The framework may have added to the headers (cookies of a Response parameter): keep them.
                 message = {**message, "headers": self.raw_headers}
             await send(message)
+
+
+async def _connect_message() -> Message:
+    return {"type": "websocket.connect"}
 
 
 def _connection(scope: Scope, receive: Receive) -> HTTPConnection:

@@ -292,6 +292,21 @@ class TestWebsocket:
         ]
         assert (await handshake("bob"))[0]["type"] == "websocket.accept"
 
+    @pytest.mark.parametrize("extensions", [{}, {"websocket.http.response": {}}])
+    async def test_a_handshake_failing_closed_is_closed_with_1013(self, extensions: dict[str, Any]) -> None:
+        backend = RedisBackend(Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), prefix="dead:")
+        app = FastAPI()
+
+        @app.websocket("/ws", dependencies=[Depends(RateLimit("1/minute", key=by_header, fail_open=False))])
+        async def echo(websocket: WebSocket) -> None:
+            await websocket.accept()
+
+        app.add_middleware(RateLimitMiddleware, backend=backend, timeout=0.5, registry=CollectorRegistry())
+        channel = Channel({"type": "websocket.connect"})
+        await asyncio.wait_for(app(ws_scope("/ws", {"x-user": "a"}, extensions), channel.receive, channel.send), 5)
+        await backend.aclose()
+        assert [(m["type"], m.get("code")) for m in channel.sent] == [("websocket.close", 1013)]
+
 
 class TestConfiguration:
     async def test_without_the_middleware_the_first_request_says_so(self) -> None:

@@ -481,6 +481,30 @@ def test_over_real_http(make_backend: Callable[[], Backend]) -> None:
     assert set(state_of(both[2])) == {"per-client", "per-user"}
 
 
+def test_app_level_dependency_over_real_http(make_backend: Callable[[], Backend]) -> None:
+    backend = make_backend()
+    app = FastAPI(
+        lifespan=closing(backend), dependencies=[Depends(RateLimit("2/minute", key=Header("x-client"), name="app"))]
+    )
+
+    @app.get("/one")
+    async def one() -> str:
+        return "one"
+
+    @app.get("/two")
+    async def two() -> str:
+        return "two"
+
+    app.add_middleware(RateLimitMiddleware, backend=backend, timeout=2.0, registry=CollectorRegistry())
+    with serve(app) as base, httpx.Client(base_url=base) as client:
+        responses = [client.get(path, headers={"x-client": "c"}) for path in ("/one", "/two", "/one")]
+        other = client.get("/two", headers={"x-client": "d"})
+    assert [r.status_code for r in responses] == [200, 200, 429]
+    assert_dependency_429(responses[2])  # FastAPI's default handler, with the headers
+    assert policies_of(responses[2]) == {"app": {"q": 2, "w": 60}}
+    assert other.status_code == 200
+
+
 @pytest.mark.parametrize("fail_open", [True, False])
 def test_backend_failure_over_real_http(fail_open: bool) -> None:
     backend = RedisBackend(Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), prefix="dead:")

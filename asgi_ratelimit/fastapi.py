@@ -85,6 +85,8 @@ class RateLimit:
         cost: units each request takes: an int, or a callable of the request.
         name: the rule's name in headers and metrics; by default the route's path, so each route counts apart.
         fail_open: overrides the middleware's ``fail_open`` for this limit when not None.
+        quota_unit: what the cost counts, as RateLimit-Policy's ``qu`` says (``"requests"``, the default).
+        partition_key: add ``pk``, a keyed hash of the client's key, to the header items (as a Rule's).
     """
 
     def __init__(
@@ -96,6 +98,8 @@ class RateLimit:
         cost: int | CostFunc = 1,
         name: str | None = None,
         fail_open: bool | None = None,
+        quota_unit: str = "requests",
+        partition_key: bool | bytes | str = False,
     ) -> None:
         self.limits = limits
         self.key = ClientIP() if key is None else key
@@ -103,6 +107,8 @@ class RateLimit:
         self.cost = cost
         self.name = name
         self.fail_open = fail_open
+        self.quota_unit = quota_unit
+        self.partition_key = partition_key
         self.label = f"RateLimit({limits!r})" if name is None else f"RateLimit {name!r}"
         if not callable(self.key):
             raise ConfigurationError(f"{self.label}: key must be an extractor or a FastAPI dependency, got {key!r}.")
@@ -160,6 +166,8 @@ class RateLimit:
                 cost=self.cost,
                 name=name,
                 fail_open=self.fail_open,
+                quota_unit=self.quota_unit,
+                partition_key=self.partition_key,
             )
             if len(self._rules) >= _RULES_KEPT:
                 self._rules.clear()

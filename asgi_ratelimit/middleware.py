@@ -558,7 +558,6 @@ class _Guard:
         The same decision as ``check``'s, but a denial is handed back rather than answered: the dependency raises
         it as an exception, which the app's exception handlers answer.
         """
-        self.reached = True
         if self.exempt:
             return None
         passed: list[bool] = []

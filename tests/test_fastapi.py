@@ -36,6 +36,7 @@ from asgi_ratelimit import (
     RateLimitMiddleware,
     RedisBackend,
     Rule,
+    rate_limit,
 )
 from asgi_ratelimit.fastapi import RateLimit, RateLimitExceeded
 
@@ -221,6 +222,31 @@ class TestInProcess:
         assert int(responses[2].headers["retry-after"]) >= 1
         assert state_of(responses[2])["/me"]["r"] == 0
 
+    async def test_quota_unit_and_partition_key_as_a_rules(self, mw_backend: Backend) -> None:
+        secret = "a-partition-secret-of-32-bytes!!"
+        app = FastAPI()
+
+        @app.get("/", dependencies=[Depends(RateLimit("5/minute", key=by_header, partition_key=secret))])
+        async def root() -> str:
+            return "ok"
+
+        rule = Rule("/", "5/minute", key=by_header, partition_key=secret)
+        other = FastAPI()
+
+        @other.get("/")
+        async def other_root() -> str:
+            return "ok"
+
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, registry=CollectorRegistry())
+        other.add_middleware(RateLimitMiddleware, backend=MemoryBackend(), rules=[rule], registry=CollectorRegistry())
+        async with client_for(app) as client, client_for(other) as by_rule:
+            got = await client.get("/", headers={"x-user": "a"})
+            expected = await by_rule.get("/", headers={"x-user": "a"})
+        assert ";pk=:" in got.headers["ratelimit-policy"]
+        assert got.headers["ratelimit-policy"] == expected.headers["ratelimit-policy"]
+        with pytest.raises(ConfigurationError, match="quota_unit"):
+            RateLimit("5/minute", quota_unit="bananas")
+
     async def test_dependency_overrides_turn_a_limit_off(self, mw_backend: Backend) -> None:
         limit = RateLimit("1/minute", key=by_header)
         app = FastAPI()
@@ -377,6 +403,21 @@ class TestConfiguration:
             with pytest.raises(ConfigurationError, match=r"both limit the route '/x' without a name=") as info:
                 await client.get("/x")
             assert "RateLimit('100/minute')" in str(info.value) and "RateLimit('5/minute')" in str(info.value)
+
+    async def test_a_misplaced_rate_limit_is_still_reported_on_a_route_with_a_dependency(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        app = FastAPI()
+
+        @rate_limit("1/minute", name="misplaced")
+        @app.get("/", dependencies=[Depends(RateLimit("5/minute", name="dep"))])
+        async def root() -> str:
+            return "ok"
+
+        app.add_middleware(RateLimitMiddleware, backend=MemoryBackend(), registry=CollectorRegistry())
+        async with client_for(app) as client:
+            assert (await client.get("/")).status_code == 200
+        assert "misplaced is applied above the route decorator" in caplog.text
 
     async def test_a_name_shared_with_a_middleware_rule_is_refused(self) -> None:
         app = FastAPI()

@@ -109,7 +109,8 @@ class RateLimit:
         self.fail_open = fail_open
         self.quota_unit = quota_unit
         self.partition_key = partition_key
-        self.label = f"RateLimit({limits!r})" if name is None else f"RateLimit {name!r}"
+        shown = _describe(limits) if callable(limits) and not isinstance(limits, (str, Policy, Concurrency)) else None
+        self.label = f"RateLimit {name!r}" if name is not None else f"RateLimit({shown or repr(limits)})"
         if not callable(self.key):
             raise ConfigurationError(f"{self.label}: key must be an extractor or a FastAPI dependency, got {key!r}.")
         #: The FastAPI dependency that returns the limits per request (tiers), or None for fixed limits.
@@ -127,8 +128,12 @@ class RateLimit:
             _refuse_concurrency(self.label, limits)
         # Validated now, so a mistake fails when the module defining the route is imported.
         self._rules: dict[str, Rule] = {}
-        #: The compiled limits (None when a dependency chooses them per request), for the OpenAPI description.
-        self.compiled = self._rule(name or "route").static
+        probe = name or "route"
+        try:
+            #: The compiled limits (None when a dependency chooses them per request), for the OpenAPI description.
+            self.compiled = self._rule(probe).static
+        except ConfigurationError as exc:  # said of this RateLimit, not of the Rule it builds
+            raise ConfigurationError(f"{self.label}: {str(exc).removeprefix(f'Rule {probe!r}: ')}") from None
         self._rules.clear()
         self.__signature__ = self._signature()
         guard_requests()  # the middleware now gives each request the guard this dependency asks

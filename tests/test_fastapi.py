@@ -349,8 +349,10 @@ class TestConfiguration:
                 await client.get("/")
 
     def test_bad_limits_fail_at_construction(self) -> None:
-        with pytest.raises(ConfigurationError, match="10/fortnight"):
+        with pytest.raises(ConfigurationError, match=r"^RateLimit\('10/fortnight'\): Invalid limit '10/fortnight'"):
             RateLimit("10/fortnight")
+        with pytest.raises(ConfigurationError, match=r"^RateLimit 'api': cost must be"):
+            RateLimit("1/second", cost=0, name="api")
         with pytest.raises(ConfigurationError, match="fail_open"):
             RateLimit("1/second", fail_open="no")  # type: ignore[arg-type]
 

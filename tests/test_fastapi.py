@@ -247,6 +247,24 @@ class TestInProcess:
         with pytest.raises(ConfigurationError, match="quota_unit"):
             RateLimit("5/minute", quota_unit="bananas")
 
+    async def test_the_middlewares_exempt_paths_exempt_the_dependency(self, mw_backend: Backend) -> None:
+        app = FastAPI(dependencies=[Depends(RateLimit("1/minute", key=by_header, name="app"))])
+
+        @app.get("/health")
+        async def health() -> str:
+            return "ok"
+
+        @app.get("/work")
+        async def work() -> str:
+            return "ok"
+
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, exempt=["/health"], registry=CollectorRegistry())
+        async with client_for(app) as client:
+            health_statuses = [(await client.get("/health", headers={"x-user": "a"})).status_code for _ in range(3)]
+            work_statuses = [(await client.get("/work", headers={"x-user": "a"})).status_code for _ in range(2)]
+        assert health_statuses == [200, 200, 200]
+        assert work_statuses == [200, 429]
+
     async def test_dependency_overrides_turn_a_limit_off(self, mw_backend: Backend) -> None:
         limit = RateLimit("1/minute", key=by_header)
         app = FastAPI()

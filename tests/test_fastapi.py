@@ -18,6 +18,8 @@ import pytest
 from conftest import ManualClock, free_port
 from fastapi import APIRouter, Depends, FastAPI
 from fastapi import Header as HeaderParam
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection, Request
@@ -508,6 +510,51 @@ async def test_a_rule_and_a_dependency_decide_alike(
             for name in ("ratelimit", "ratelimit-policy", "retry-after"):
                 assert got.headers.get(name) == expected.headers.get(name), name
     assert seen == {200, 429}  # the sequence reached the limit and came back under it
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    algorithm=st.sampled_from(ALGORITHMS),
+    limits=st.sampled_from(["3 per 10 seconds", "2/second;5/minute", "1/second", "4 per 3 seconds, 6/minute"]),
+    cost=st.integers(1, 2),
+    steps=st.lists(
+        st.tuples(st.sampled_from([0, 0, 0.2, 1, 3, 11]), st.sampled_from(["ann", "bob", None])), max_size=30
+    ),
+)
+def test_a_rule_and_a_dependency_decide_alike_whatever_the_traffic(
+    algorithm: str, limits: str, cost: int, steps: list[tuple[float, str | None]]
+) -> None:
+    """Memory only (many examples); test_a_rule_and_a_dependency_decide_alike covers Redis."""
+    clock = ManualClock()
+    rule_app, dependency_app = FastAPI(), FastAPI()
+
+    @rule_app.get("/x")
+    async def by_rule() -> str:
+        return "ok"
+
+    limit = RateLimit(limits, key=by_header, algorithm=algorithm, cost=cost, name="x")
+
+    @dependency_app.get("/x", dependencies=[Depends(limit)])
+    async def by_dependency() -> str:
+        return "ok"
+
+    rule = Rule("/x", limits, key=by_header, algorithm=algorithm, cost=cost, name="x")
+    for app, rules in ((rule_app, [rule]), (dependency_app, [])):
+        backend = MemoryBackend(clock=clock)
+        app.add_middleware(RateLimitMiddleware, backend=backend, rules=rules, registry=CollectorRegistry())
+
+    async def run() -> None:
+        async with client_for(rule_app) as by_rules, client_for(dependency_app) as by_dependencies:
+            for advance, user in steps:
+                clock.advance(advance)
+                headers = {} if user is None else {"x-user": user}
+                expected = await by_rules.get("/x", headers=headers)
+                got = await by_dependencies.get("/x", headers=headers)
+                assert got.status_code == expected.status_code
+                for name in ("ratelimit", "ratelimit-policy", "retry-after"):
+                    assert got.headers.get(name) == expected.headers.get(name), name
+
+    asyncio.run(run())
 
 
 # -- through uvicorn -------------------------------------------------------------------------

@@ -200,8 +200,9 @@ class RateLimit:
             )
         if self.key_is_dependency and key is not None and not isinstance(key, str):
             raise ConfigurationError(
-                f"{self.label}: the key dependency {_describe(self.key)} returned {key!r}; it must return a "
-                "string, or None for a request that is not limited."
+                # Its type only: the value is a client's key, which never reaches the logs.
+                f"{self.label}: the key dependency {_describe(self.key)} returned {type(key).__name__!r}; it must "
+                "return a string, or None for a request that is not limited."
             )
         if self.limits_dependency is not None:
             _refuse_concurrency(f"{self.label}: the limits dependency {_describe(self.limits_dependency)}", limits)

@@ -15,6 +15,7 @@ from .policies import (
     SlidingWindowCounter,
     TokenBucket,
     parse_limit,
+    parse_limits,
 )
 from .rules import Rule, rate_limit
 
@@ -42,5 +43,6 @@ __all__ = [
     "TokenBucket",
     "operations_app",
     "parse_limit",
+    "parse_limits",
     "rate_limit",
 ]

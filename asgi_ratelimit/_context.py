@@ -12,12 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from .policies import Decision
     from .rules import Rule
 
-__all__ = ["RequestGuard", "current_guard"]
+__all__ = ["Refusal", "RequestGuard", "current_guard"]
+
+
+class Refusal(NamedTuple):
+    """Why the middleware refused a request it was asked about by a dependency (see RequestGuard.decide)."""
+
+    status: int  # 429, or 503 when the backend failed and a rule fails closed
+    decisions: tuple[Decision, ...]  # the refused rules' decisions (none for a 503)
+    headers: list[tuple[bytes, bytes]]  # the response's rate-limit headers so far, Retry-After included
 
 
 class RequestGuard(Protocol):
@@ -25,6 +34,11 @@ class RequestGuard(Protocol):
 
     async def check(self, rules: tuple[Rule, ...], call: Callable[[], Awaitable[Any]]) -> Any:
         """Decide ``rules``, then return what ``call()`` (the endpoint) returns, or the 429 or 503 answer instead."""
+        ...
+
+    async def decide(self, rules: tuple[Rule, ...]) -> Refusal | None:
+        """Decide ``rules`` for a dependency: None when they allow the request (their headers join the response's),
+        else the refusal, for the dependency to raise as its framework's exception."""
         ...
 
 

@@ -19,7 +19,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._context import current_guard
+from ._context import Refusal, current_guard
 from ._scope import route_path
 from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
 from .backends.base import Backend, Claim, Hit, new_token
@@ -424,6 +424,10 @@ class RateLimitMiddleware:
         item_names: Sequence[str],
         headers: list[tuple[bytes, bytes]],
     ) -> None:
+        guard = current_guard.get()
+        if isinstance(guard, _Guard) and guard.refusals is not None:
+            guard.refusals.append((tuple(decisions), headers))  # a dependency asked: it raises its own exception
+            return
         if self.on_limited is not None:
             response = await self._on_limited(
                 request if request is not None else _connection(scope, receive), decisions
@@ -511,6 +515,8 @@ class _Guard:
         self.headers: list[tuple[bytes, bytes]] = []
         self.exempt: bool | None = None  # None: not asked yet
         self.reached = False  # a @rate_limit endpoint asked this guard
+        # While a dependency decides: the denials _deny reports instead of answering.
+        self.refusals: list[tuple[tuple[Decision, ...], list[tuple[bytes, bytes]]]] | None = None
 
     def add(self, headers: list[tuple[bytes, bytes]]) -> None:
         """Add headers to the response; the RateLimit fields of several decisions join into one list each."""
@@ -556,6 +562,46 @@ class _Guard:
         # Refused: the answer is handed back as the endpoint's response, so the app's own middleware sees it.
         return None if websocket else _Replay(answer)
 
+    async def decide(self, rules: tuple[Rule, ...]) -> Refusal | None:
+        """Decide ``rules`` for a dependency: None when allowed (their headers join the response's), else the refusal.
+
+        The same decision as ``check``'s, but a denial is handed back rather than answered: the dependency raises
+        it as an exception, which the app's exception handlers answer.
+        """
+        if self.exempt:
+            return None
+        passed: list[bool] = []
+
+        async def proceed(scope: Scope, receive: Receive, send: Send) -> None:
+            passed.append(True)
+
+        answer: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            answer.append(message)
+
+        # A refused websocket handshake is answered by the dependency's exception, not here: the middleware
+        # must not take the connect message the app's own WebSocket is still to receive.
+        receive = self.receive if self.scope["type"] == "http" else _connect_message
+        self.refusals = []
+        try:
+            await self.middleware._apply(rules, proceed, self.scope, receive, capture, self)
+            refusals = self.refusals
+        finally:
+            self.refusals = None
+        if passed:
+            return None
+        if refusals:
+            decisions, headers = refusals[0]
+            self.add(headers)  # with the headers of the limits that allowed it, so a handler's response has all
+            return Refusal(429, decisions, list(self.headers))
+        # The backend failed and a rule fails closed: the middleware answered 503.
+        start = next((m for m in answer if m["type"].endswith("response.start")), None)
+        if start is None:  # a websocket handshake closed (no denial response): the middleware's 503 answer
+            return Refusal(503, (), [(b"retry-after", b"1")])
+        retry = [(name, value) for name, value in start.get("headers", ()) if name == b"retry-after"]
+        return Refusal(int(start["status"]), (), retry)
+
     def _check_bypass(self) -> None:
         if self.reached:
             return
@@ -588,6 +634,10 @@ class _Replay(Response):
                 # The framework may have added to the headers (cookies of a Response parameter): keep them.
                 message = {**message, "headers": self.raw_headers}
             await send(message)
+
+
+async def _connect_message() -> Message:
+    return {"type": "websocket.connect"}
 
 
 def _connection(scope: Scope, receive: Receive) -> HTTPConnection:

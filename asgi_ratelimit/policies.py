@@ -25,6 +25,7 @@ __all__ = [
     "SlidingWindowCounter",
     "TokenBucket",
     "parse_limit",
+    "parse_limits",
 ]
 
 MICROS = 1_000_000
@@ -291,15 +292,27 @@ ALGORITHMS: dict[str, type[Policy]] = {
     cls.algorithm: cls for cls in (TokenBucket, SlidingWindow, GCRA, FixedWindow, SlidingWindowCounter)
 }
 
-_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
+# A month is 30 days and a year 365, as limit strings elsewhere count them: fixed lengths, never calendar ones.
+_UNITS = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "week": 7 * 86400,
+    "month": 30 * 86400,
+    "year": 365 * 86400,
+}
 _LIMIT_RE = re.compile(
-    r"""^\s*(?P<count>\d+)\s*(?:/|per)\s*(?P<mult>\d+(?:\.\d+)?\s*)?(?P<unit>second|minute|hour|day)s?\s*$""",
+    r"^\s*(?P<count>\d+)\s*(?:/|per)\s*(?P<mult>\d+(?:\.\d+)?\s*)?"
+    r"(?P<unit>second|minute|hour|day|week|month|year)s?\s*$",
     # ASCII: \d would otherwise accept the digits of every script (Arabic-Indic, Devanagari...).
     re.IGNORECASE | re.ASCII,
 )
+# Several limits in one string: "10/second;1000/hour" or "10/second, 1000/hour".
+_SEPARATORS = re.compile(r"[;,]")
 _GRAMMAR = (
-    'a count, "/" or "per", an optional number, and a unit (second, minute, hour or day, '
-    'plural allowed): "10/second", "100/minute", "5 per 10 seconds"'
+    'a count, "/" or "per", an optional number, and a unit (second, minute, hour, day, week, month = 30 days '
+    'or year = 365 days, plural allowed): "10/second", "100/minute", "5 per 10 seconds"'
 )
 
 LimitSpec = str | Policy
@@ -309,20 +322,44 @@ def parse_limit(text: str, algorithm: str = "sliding_window") -> Policy:
     """Turn ``"100/minute"`` or ``"5 per 10 seconds"`` into a policy of the given algorithm.
 
     For ``token_bucket`` the count is the capacity and it refills at count/window tokens per second;
-    for ``gcra`` the burst equals the count.
+    for ``gcra`` the burst equals the count.  One limit: ``parse_limits`` reads ``"10/second;1000/hour"``.
     """
     if algorithm not in ALGORITHMS:
         raise ConfigurationError(f"Unknown algorithm {algorithm!r}: choose one of {', '.join(sorted(ALGORITHMS))}.")
-    match = _LIMIT_RE.match(text) if isinstance(text, str) else None
-    if match is None:
+    if isinstance(text, str) and _SEPARATORS.search(text) and all(map(_LIMIT_RE.match, _SEPARATORS.split(text))):
+        raise ConfigurationError(
+            f"Invalid limit {text!r}: it holds several limits; parse_limits() returns one policy for each."
+        )
+    return _parse_one(text, text, algorithm)
+
+
+def parse_limits(text: str, algorithm: str = "sliding_window") -> tuple[Policy, ...]:
+    """Turn ``"10/second;1000/hour"`` (limits separated by ``;`` or ``,``) into one policy per limit, in order."""
+    if algorithm not in ALGORITHMS:
+        raise ConfigurationError(f"Unknown algorithm {algorithm!r}: choose one of {', '.join(sorted(ALGORITHMS))}.")
+    if not isinstance(text, str):
         raise ConfigurationError(f"Invalid limit {text!r}: expected {_GRAMMAR}.")
+    parts = _SEPARATORS.split(text)
+    if len(parts) > 1 and any(not part.strip() for part in parts):
+        raise ConfigurationError(
+            f'Invalid limits {text!r}: an empty limit between separators; write them as "10/second;1000/hour".'
+        )
+    return tuple(_parse_one(part, text, algorithm) for part in parts)
+
+
+def _parse_one(part: str, text: str, algorithm: str) -> Policy:
+    """One limit ``part`` of the string ``text`` (the whole string, for the error message)."""
+    where = repr(part) if part is text else f"{part.strip()!r} in {text!r}"
+    match = _LIMIT_RE.match(part) if isinstance(part, str) else None
+    if match is None:
+        raise ConfigurationError(f"Invalid limit {where}: expected {_GRAMMAR}.")
     count = int(match["count"])
     mult_text = (match["mult"] or "1").strip()
     seconds = float(mult_text) * _UNITS[match["unit"].lower()]
     if seconds.is_integer():
         seconds = int(seconds)
     if count == 0 or seconds == 0:
-        raise ConfigurationError(f"Invalid limit {text!r}: the count and the window must be above zero.")
+        raise ConfigurationError(f"Invalid limit {where}: the count and the window must be above zero.")
     if algorithm == "token_bucket":
         return TokenBucket(capacity=count, refill_rate=count / seconds)
     if algorithm == "gcra":

@@ -27,9 +27,17 @@ from ._partition import partition_key, partition_secret
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
 from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
-from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
+from .policies import ALGORITHMS, Concurrency, Policy, parse_limits
 
-__all__ = ["ENDPOINT_RULES", "CompiledLimits", "Rule", "bypassed_endpoint", "endpoints_marked", "rate_limit"]
+__all__ = [
+    "ENDPOINT_RULES",
+    "CompiledLimits",
+    "Rule",
+    "bypassed_endpoint",
+    "endpoints_marked",
+    "guard_requests",
+    "rate_limit",
+]
 
 LimitSpec = Union[str, Policy]  # noqa: UP007 - a runtime alias, and Python 3.10 is supported
 Limits = Union[LimitSpec, Sequence[LimitSpec]]  # noqa: UP007
@@ -281,7 +289,7 @@ class Rule:
                 concurrency = spec
             elif isinstance(spec, str):
                 try:
-                    policies.append(parse_limit(spec, self.algorithm))
+                    policies.extend(parse_limits(spec, self.algorithm))
                 except ConfigurationError as exc:
                     raise ConfigurationError(f"{label}: {exc}") from None
             else:
@@ -348,8 +356,15 @@ _marked = 0  # endpoints wrapped by @rate_limit in this process
 
 
 def endpoints_marked() -> bool:
-    """Whether any endpoint has been marked with @rate_limit: until then, requests need no guard."""
+    """Whether any endpoint has been marked with @rate_limit (or a RateLimit dependency made): until then, requests
+    need no guard."""
     return _marked > 0
+
+
+def guard_requests() -> None:
+    """From now on, give every request a guard: something in the app (a RateLimit dependency) will ask it."""
+    global _marked
+    _marked += 1
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,6 @@
-"""``python -m example_app.demo``: start the example app, send it bursts, and show what the limiter answers.
+"""``python -m example_app.demo [--fastapi]``: start the example app, send it bursts, show what the limiter answers.
+
+``--fastapi`` runs the FastAPI variant: middleware rules per IP, and a RateLimit dependency per signed-in user.
 
 The app runs as a child process on a free loopback port (in-memory counts) and is stopped, by its PID,
 when the demo ends, whatever happens. Every request has a timeout and the whole run a deadline, so the
@@ -102,13 +104,40 @@ def steps() -> Iterator[Step]:
         yield Step(f"POST /check #{number} (1/minute)", "POST", "/check", {"Content-Type": "application/json"}, check)
 
 
-def run(base_url: str, out: Callable[[str], None] = print, deadline: float = 60.0) -> list[Answer]:
-    """Send every step to ``base_url`` and print a row per answer as it arrives."""
+def fastapi_steps() -> Iterator[Step]:
+    """The FastAPI variant's traffic: a login brute force (a middleware rule per IP), then two users and an
+    anonymous caller on the route limited per user by a RateLimit dependency."""
+    for number in range(1, 8):
+        yield Step(f"login attempt {number} (one IP)", "POST", "/login", {})
+    for user, plan, count in (("ann", "free", 5), ("bob", "pro", 4), ("cat", "free", 4)):
+        bearer = jwt.encode({"sub": user, "plan": plan}, JWT_SECRET, algorithm="HS256")
+        for number in range(1, count + 1):
+            label = f"GET /api/items #{number}, {user} ({plan})"
+            yield Step(label, "GET", "/api/items", {"Authorization": f"Bearer {bearer}"})
+    yield Step("GET /api/items, anonymous", "GET", "/api/items", {})
+
+
+def documented_429s(base_url: str) -> list[str]:
+    """The operations whose OpenAPI entry lists a 429, as "METHOD /path"."""
+    with urllib.request.urlopen(base_url + "/openapi.json", timeout=REQUEST_TIMEOUT) as response:
+        schema = json.loads(response.read())
+    return [
+        f"{method.upper()} {path}"
+        for path, operations in schema["paths"].items()
+        for method, operation in operations.items()
+        if "429" in operation.get("responses", {})
+    ]
+
+
+def run(
+    base_url: str, out: Callable[[str], None] = print, deadline: float = 60.0, traffic: Iterator[Step] | None = None
+) -> list[Answer]:
+    """Send every step (``traffic``, by default the Starlette app's) to ``base_url``; print a row per answer."""
     stop_at = time.monotonic() + deadline
     out(f"{'request':<36} {'status':>6}  {'RateLimit (tightest)':<24} Retry-After")
     out("-" * 80)
     answers = []
-    for step in steps():
+    for step in steps() if traffic is None else traffic:
         if time.monotonic() > stop_at:
             out(f"(stopped: the demo's {deadline:.0f} s deadline passed)")
             break
@@ -138,11 +167,12 @@ def wait_until_live(base_url: str, process: subprocess.Popen[bytes], timeout: fl
 
 
 @contextmanager
-def example_app_process(port: int) -> Iterator[str]:
+def example_app_process(port: int, *, fastapi: bool = False) -> Iterator[str]:
     """Run ``python -m example_app`` on ``port`` (in-memory counts); yield its URL; stop it by PID."""
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    variant = ["--fastapi"] if fastapi else []
     process = subprocess.Popen(
-        [sys.executable, "-m", "example_app", "--port", str(port), "--log-level", "warning"],
+        [sys.executable, "-m", "example_app", *variant, "--port", str(port), "--log-level", "warning"],
         env=env,
         stdin=subprocess.DEVNULL,
     )
@@ -166,22 +196,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--port", type=int, default=0, help="the port for the app the demo starts (default: a free one)"
     )
+    parser.add_argument("--fastapi", action="store_true", help="the FastAPI variant (per-user limits as a dependency)")
     args = parser.parse_args(argv)
 
     def out(line: str) -> None:
         print(line, flush=True)
 
+    traffic = fastapi_steps() if args.fastapi else steps()
+    documented: list[str] = []
     if args.url:
-        answers = run(args.url.rstrip("/"), out)
+        answers = run(args.url.rstrip("/"), out, traffic=traffic)
+        documented = documented_429s(args.url.rstrip("/")) if args.fastapi else []
     else:
         port = args.port or free_port()
-        out(f"Starting the example app on http://127.0.0.1:{port} (MemoryBackend) ...")
-        with example_app_process(port) as base_url:
-            answers = run(base_url, out)
+        variant = "FastAPI " if args.fastapi else ""
+        out(f"Starting the {variant}example app on http://127.0.0.1:{port} (MemoryBackend) ...")
+        with example_app_process(port, fastapi=args.fastapi) as base_url:
+            answers = run(base_url, out, traffic=traffic)
+            documented = documented_429s(base_url) if args.fastapi else []
         out("Stopped the example app.")
     limited = sum(answer.status == 429 for answer in answers)
     out(f"\n{len(answers)} requests, {limited} answered 429; each 429 says in Retry-After when to try again.")
-    out('POST /check answers 200 either way: its JSON body says {"allowed": false, "retry_after": ...}.')
+    if args.fastapi:
+        out("Each user is counted apart, at their plan's limits; the anonymous caller gets the route's 401.")
+        out(f"The OpenAPI document (/docs) lists a 429 on: {', '.join(documented)}.")
+    else:
+        out('POST /check answers 200 either way: its JSON body says {"allowed": false, "retry_after": ...}.')
     return 0 if limited else 1
 
 

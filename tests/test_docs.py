@@ -5,6 +5,11 @@ before its fence:
 
     <!-- docs-test: redis -->   (runs where a Redis answers, skips or fails like the other ``redis``
                                  tests otherwise, with REDIS_URL exported to it)
+
+A snippet of another project's code (the "before" side of a migration page) names the package it needs:
+
+    <!-- docs-test: needs slowapi -->   (runs where that package is installed, e.g. with
+                                         benchmarks/requirements.txt; skips, saying so, elsewhere)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ DOCS = ROOT / "docs"
 PAGES = [*sorted(path.name for path in DOCS.glob("*.md")), "README.md"]
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 MARKER = re.compile(r"<!--\s*docs-test:\s*redis\s*-->\s*\Z")
+NEEDS = re.compile(r"<!--\s*docs-test:\s*needs\s+([A-Za-z_][A-Za-z0-9_.]*)\s*-->\s*\Z")
 
 
 def page_path(page: str) -> Path:
@@ -36,9 +42,12 @@ def snippets() -> list[Any]:
             line = text.count("\n", 0, match.start()) + 2
             before = text[: match.start()].rstrip("\n").rsplit("\n", 1)[-1]
             marker = MARKER.search(before)
+            needs = NEEDS.search(before)
             marks = [pytest.mark.redis] if marker else []
             param_id = f"{page}:{line}:{index}"
-            found.append(pytest.param(match.group(1), marker is not None, id=param_id, marks=marks))
+            found.append(
+                pytest.param(match.group(1), marker is not None, needs and needs.group(1), id=param_id, marks=marks)
+            )
     return found
 
 
@@ -52,7 +61,8 @@ def test_markers_are_spelled_right() -> None:
     for page in PAGES:
         for line in page_path(page).read_text(encoding="utf-8").splitlines():
             if "docs-test" in line:
-                assert MARKER.search(line.strip()), f"{page}: unknown docs-test marker {line.strip()!r}"
+                known = MARKER.search(line.strip()) or NEEDS.search(line.strip())
+                assert known, f"{page}: unknown docs-test marker {line.strip()!r}"
 
 
 async def _request_root(app: Any) -> httpx.Response:
@@ -60,8 +70,12 @@ async def _request_root(app: Any) -> httpx.Response:
         return await client.get("/")
 
 
-@pytest.mark.parametrize(("source", "needs_redis"), snippets())
-def test_snippet_runs(source: str, needs_redis: bool, request: pytest.FixtureRequest, monkeypatch: Any) -> None:
+@pytest.mark.parametrize(("source", "needs_redis", "needs_package"), snippets())
+def test_snippet_runs(
+    source: str, needs_redis: bool, needs_package: str | None, request: pytest.FixtureRequest, monkeypatch: Any
+) -> None:
+    if needs_package:
+        pytest.importorskip(needs_package, reason=f"another project's code: needs {needs_package} installed")
     if needs_redis:
         monkeypatch.setenv("REDIS_URL", request.getfixturevalue("redis_url"))
     namespace: dict[str, Any] = {"__name__": "docs_snippet"}

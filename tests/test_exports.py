@@ -28,6 +28,7 @@ PUBLIC = {
     "SlidingWindowCounter",
     "Decision",
     "parse_limit",
+    "parse_limits",
     # storage
     "Backend",
     "MemoryBackend",
@@ -72,3 +73,12 @@ def test_private_modules_stay_private() -> None:
 def test_version() -> None:
     assert isinstance(asgi_ratelimit.__version__, str)
     assert asgi_ratelimit.__version__.count(".") == 2
+
+
+def test_the_fastapi_module_lists_its_names() -> None:
+    import asgi_ratelimit.fastapi as module
+
+    assert set(module.__all__) == {"RateLimit", "RateLimitExceeded", "document_rate_limits"}
+    for name in module.__all__:
+        doc = getattr(module, name).__doc__
+        assert isinstance(doc, str) and inspect.cleandoc(doc).splitlines()[0].endswith("."), name

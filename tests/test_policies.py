@@ -7,16 +7,20 @@ import re
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from asgi_ratelimit import (
     GCRA,
     ConfigurationError,
     Decision,
     FixedWindow,
+    Rule,
     SlidingWindow,
     SlidingWindowCounter,
     TokenBucket,
     parse_limit,
+    parse_limits,
 )
 from asgi_ratelimit._keys import digest, state_key
 from asgi_ratelimit.backends.base import check_hits, decisions_from_flat
@@ -134,6 +138,12 @@ def test_policy_key_suffixes_differ_by_algorithm_and_parameters() -> None:
         ("3 per 1.5 minutes", SlidingWindow(3, 90)),
         ("1 per 0.5 seconds", SlidingWindow(1, 0.5)),
         ("1/day", SlidingWindow(1, 86400)),
+        ("100/week", SlidingWindow(100, 7 * 86400)),
+        ("100 per 2 weeks", SlidingWindow(100, 14 * 86400)),
+        ("1000/month", SlidingWindow(1000, 30 * 86400)),
+        ("5 per 3 Months", SlidingWindow(5, 90 * 86400)),
+        ("10000/year", SlidingWindow(10000, 365 * 86400)),
+        ("1 per 1 years", SlidingWindow(1, 365 * 86400)),
     ],
 )
 def test_parse_limit(text: str, expected: Policy) -> None:
@@ -181,6 +191,99 @@ def test_parse_limit_rejects_bad_text_quoting_it(text: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         parse_limit(text)
     assert repr(text) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10/second;1000/hour", (SlidingWindow(10, 1), SlidingWindow(1000, 3600))),
+        ("10/second, 1000/hour", (SlidingWindow(10, 1), SlidingWindow(1000, 3600))),
+        (
+            "10 per second; 100 per 5 minutes, 1000 per day",
+            (SlidingWindow(10, 1), SlidingWindow(100, 300), SlidingWindow(1000, 86400)),
+        ),
+        ("5/minute", (SlidingWindow(5, 60),)),
+        (" 1/week ;1/year ", (SlidingWindow(1, 7 * 86400), SlidingWindow(1, 365 * 86400))),
+    ],
+)
+def test_parse_limits_reads_several_limits_in_order(text: str, expected: tuple[Policy, ...]) -> None:
+    assert parse_limits(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "quoted"),
+    [
+        ("10/second;10/fortnight", "'10/fortnight' in '10/second;10/fortnight'"),
+        ("10/second, ten/hour", "'ten/hour' in '10/second, ten/hour'"),
+        ("10/second;", "Invalid limits '10/second;': an empty limit"),
+        (";10/second", "Invalid limits ';10/second': an empty limit"),
+        ("10/second;;1/hour", "an empty limit"),
+        ("0/second;1/hour", "'0/second' in '0/second;1/hour': the count and the window must be above zero"),
+        ("1/second|1/hour", "Invalid limit '1/second|1/hour': expected"),
+        ("", "Invalid limit '': expected"),
+    ],
+)
+def test_parse_limits_errors_quote_the_bad_part(text: str, quoted: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        parse_limits(text)
+    assert quoted in str(info.value)
+    assert "week, month = 30 days or year = 365 days" in str(info.value) or "empty" in quoted or "zero" in quoted
+
+
+def test_parse_limit_points_a_list_to_parse_limits() -> None:
+    with pytest.raises(ConfigurationError, match=re.escape("it holds several limits; parse_limits()")):
+        parse_limit("10/second;1000/hour")
+
+
+def test_a_rule_takes_several_limits_in_one_string_and_names_itself_in_errors() -> None:
+    rule = Rule("/x", ["10/second;1000/hour", "1/year"], algorithm="fixed_window")
+    assert rule.static is not None
+    assert rule.static.policies == (FixedWindow(10, 1), FixedWindow(1000, 3600), FixedWindow(1, 365 * 86400))
+    with pytest.raises(
+        ConfigurationError, match=re.escape("Rule '/x': Invalid limit '10/fortnight' in '1/second;10/fortnight'")
+    ):
+        Rule("/x", "1/second;10/fortnight")
+    with pytest.raises(ConfigurationError, match="the same limit appears twice"):
+        Rule("/x", "1/second, 1 per second")
+
+
+UNIT_SECONDS = {
+    "second": 1,
+    "minute": 60,
+    "hour": 3600,
+    "day": 86400,
+    "week": 604800,
+    "month": 2592000,
+    "year": 31536000,
+}
+
+
+@st.composite
+def limit_texts(draw: st.DrawFn) -> tuple[str, int, int]:
+    """A limit written any accepted way, with the count and window in seconds it means."""
+    count = draw(st.integers(1, 10_000))
+    unit = draw(st.sampled_from(sorted(UNIT_SECONDS)))
+    max_mult = 366 * 86400 // UNIT_SECONDS[unit]
+    mult = draw(st.none() | st.integers(1, max(1, min(max_mult, 1000))))
+    per = draw(st.sampled_from(["/", "per", " per ", " / ", "PER"]))
+    spelled = draw(st.sampled_from([unit, unit + "s", unit.upper(), unit.capitalize()]))
+    space = draw(st.sampled_from(["", " ", "  "]))
+    multiplier = "" if mult is None else f"{mult}{space}"
+    if per.strip() == "per" or per.strip() == "PER":
+        per = f" {per.strip()} "
+    text = f"{space}{count}{per}{multiplier}{spelled}{space}"
+    return text, count, UNIT_SECONDS[unit] * (mult or 1)
+
+
+@given(
+    st.lists(limit_texts(), min_size=1, max_size=4),
+    st.lists(st.sampled_from([";", ",", " ; ", ", "]), min_size=3, max_size=3),
+)
+def test_parse_limits_reads_what_it_is_given(limits: list[tuple[str, int, int]], separators: list[str]) -> None:
+    text = limits[0][0]
+    for (part, _, _), separator in zip(limits[1:], separators, strict=False):
+        text += separator + part
+    assert parse_limits(text) == tuple(SlidingWindow(count, seconds) for _, count, seconds in limits)
 
 
 def test_parse_limit_rejects_values_out_of_range_naming_the_field() -> None:

@@ -141,7 +141,10 @@ def test_a_cost_callable_returning_a_bad_value_names_the_rule(value: Any) -> Non
 @pytest.mark.parametrize(
     ("kwargs", "fragments"),
     [
-        ({"limits": "100/fortnight"}, ["'/x'", "'100/fortnight'", "second, minute, hour or day"]),
+        (
+            {"limits": "100/fortnight"},
+            ["'/x'", "'100/fortnight'", "second, minute, hour, day, week, month = 30 days or year = 365 days"],
+        ),
         ({"limits": "0/minute"}, ["'/x'", "'0/minute'"]),
         ({"limits": ["1/minute", "1/minute"]}, ["'/x'", "twice"]),
         ({"limits": 5}, ["'/x'", "5"]),

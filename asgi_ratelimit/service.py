@@ -1,6 +1,6 @@
 """The decision service: the engine over HTTP (``POST /check``), for callers in any language.
 
-``create_app(backend)`` builds it; the module-level ``app`` runs on MemoryBackend.  Input is
+``create_app(backend)`` builds it; importing this module builds nothing.  Input is
 checked field by field: a bad request gets a 400 or 422 problem+json naming the field, and
 never reaches the backend, so it can never change a counter.  ``/health``, ``/health/live``
 and ``/metrics`` are the operations routes of health.py; ``/openapi.json`` describes it all.
@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from .backends.base import Backend
+from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .headers import policy_item, rate_limit_headers, sf_string
@@ -36,6 +36,7 @@ from .policies import (
     _MIN_WINDOW_US,
     GCRA,
     MICROS,
+    Decision,
     FixedWindow,
     Policy,
     SlidingWindow,
@@ -44,17 +45,20 @@ from .policies import (
 )
 
 __all__ = [
+    "MAX_BATCH",
     "MAX_BODY_BYTES",
     "MAX_COST",
     "MAX_KEY_BYTES",
     "MAX_SLIDING_WINDOW_LIMIT",
     "BadRequest",
-    "app",
     "create_app",
     "parse_check",
+    "parse_checks",
 ]
 
 MAX_BODY_BYTES: Final = 64 * 1024
+#: The most checks one batch may hold.
+MAX_BATCH: Final = 100
 MAX_KEY_BYTES: Final = 1024
 #: The largest cost a hit may take; a cost above the policy's capacity is a "never" decision.
 MAX_COST: Final = _MAX_COUNT
@@ -121,22 +125,29 @@ _HINTS = {
 
 
 class BadRequest(Exception):
-    """A request the service refuses, with the status and the field at fault (None for the body as a whole)."""
+    """A request the service refuses, with the status, the field at fault and, in a batch, the check's index."""
 
-    def __init__(self, status: int, detail: str, field: str | None = None) -> None:
+    def __init__(self, status: int, detail: str, field: str | None = None, index: int | None = None) -> None:
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.field = field
+        self.index = index
 
 
 def _problem(
-    status: int, detail: str, field: str | None = None, headers: Mapping[str, str] | None = None
+    status: int,
+    detail: str,
+    field: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    index: int | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {"type": "about:blank", "title": HTTPStatus(status).phrase, "status": status}
     body["detail"] = detail
     if field is not None:
         body["field"] = field
+    if index is not None:
+        body["index"] = index
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
 
 
@@ -218,6 +229,57 @@ def parse_check(payload: object) -> tuple[str, Policy, int]:
     return key, policy, cost
 
 
+def parse_checks(payload: object) -> tuple[list[Hit], bool]:
+    """Validate a /check body, one check or a batch ``{"checks": [...]}``: its hits, and whether it is a batch.
+
+    A bad check in a batch raises BadRequest naming its index, in ``index`` and as the field's
+    prefix (``checks[2].window``): the whole batch is refused, and nothing is counted.
+    """
+    if not isinstance(payload, Mapping) or "checks" not in payload:
+        return [parse_check(payload)], False
+    extra = sorted(name for name in payload if name != "checks")
+    if extra:
+        field = _echo(extra[0])
+        raise BadRequest(422, f'A batch holds only the field "checks"; got "{field}" too.', field)
+    checks = payload["checks"]
+    if not isinstance(checks, list) or not 1 <= len(checks) <= MAX_BATCH:
+        got = f"{len(checks)} checks" if isinstance(checks, list) else f"a JSON {_json_kind(checks)}"
+        raise BadRequest(422, f'The field "checks" must be an array of 1 to {MAX_BATCH} checks; got {got}.', "checks")
+    hits: list[Hit] = []
+    first_of: dict[tuple[str, str], int] = {}
+    logged = 0  # units the batch would add to sliding-window logs
+    for index, check in enumerate(checks):
+        where = f"checks[{index}]"
+        try:
+            key, policy, cost = parse_check(check)
+        except BadRequest as exc:
+            field = where if exc.field is None else f"{where}.{exc.field}"
+            raise BadRequest(exc.status, f"{where}: {exc.detail}", field, index) from None
+        # The backends decide a hit on the state before it, so one state taken from twice in one
+        # batch would be decided on a count that leaves out the other take.
+        earlier = first_of.setdefault((key, policy.key_suffix), index)
+        if earlier != index:
+            raise BadRequest(
+                422,
+                f"{where}: the same key and policy as checks[{earlier}]; a batch takes from each once "
+                "(add the costs up in one check).",
+                where,
+                index,
+            )
+        if policy.algorithm == "sliding_window":
+            logged += min(cost, policy.quota)  # a cost above the limit is never taken: it writes nothing
+            if logged > MAX_SLIDING_WINDOW_LIMIT:
+                raise BadRequest(
+                    422,
+                    f'{where}: the field "cost" takes the batch\'s sliding_window costs past '
+                    f"{MAX_SLIDING_WINDOW_LIMIT:,} in all (the log keeps an entry per unit).",
+                    f"{where}.cost",
+                    index,
+                )
+        hits.append((key, policy, cost))
+    return hits, True
+
+
 def _json_kind(value: object) -> str:
     if isinstance(value, list):
         return "array"
@@ -267,6 +329,18 @@ async def _read_json(request: Request) -> object:
         raise BadRequest(400, "The body must be valid JSON (UTF-8).") from None
 
 
+def _decision_body(decision: Decision) -> dict[str, Any]:
+    return {
+        "allowed": decision.allowed,
+        "limit": decision.limit,
+        "remaining": decision.remaining,
+        # JSON has no infinity: a hit that can never pass says so with null and "never".
+        "retry_after": None if decision.never else decision.retry_after,
+        "reset_after": decision.reset_after,
+        "never": decision.never,
+    }
+
+
 def _rule_name(algorithm: str) -> str:
     """The metrics' rule label for a decision: one per algorithm, never the key."""
     return f"service:{algorithm}"
@@ -309,34 +383,36 @@ def create_app(
 
     async def check(request: Request) -> Response:
         try:
-            key, policy, cost = parse_check(await _read_json(request))
+            hits, batch = parse_checks(await _read_json(request))
         except BadRequest as exc:
-            return _problem(exc.status, exc.detail, exc.field)
-        spans: list[Span] = [(_rule_name(policy.algorithm), key, 1)]
+            return _problem(exc.status, exc.detail, exc.field, index=exc.index)
+        spans: list[Span] = [(_rule_name(policy.algorithm), key, 1) for key, policy, _ in hits]
         try:
-            (decision,) = await limiter.decide([(key, policy, cost)])
+            # A batch is one call: the backend decides all its hits at once, and takes from all or none.
+            decisions = await limiter.decide(hits)
         except BackendError:
             limiter.count_failure(spans, failed_open=False)
             return _problem(
                 503, "The rate-limit backend did not answer; nothing was counted.", headers={"Retry-After": "1"}
             )
-        limiter.count_decisions(spans, [decision], dry_run=False)
+        limiter.count_decisions(spans, decisions, dry_run=False)
+        if batch:
+            # No RateLimit headers: a batch's checks may be on different keys, and one header cannot
+            # describe them all.  Each result carries its own numbers.
+            body = {
+                "allowed": all(decision.allowed for decision in decisions),
+                "results": [_decision_body(decision) for decision in decisions],
+            }
+            return JSONResponse(body, headers={"Cache-Control": "no-store"})
+        ((_, policy, _),) = hits
+        (decision,) = decisions
         name = policy.algorithm
         # denied=False: this response is a 200 and Retry-After never goes on a 2xx; on a denial
         # the RateLimit t parameter carries the same whole seconds Retry-After would.
         headers = rate_limit_headers(
             [decision], [policy_item(name, policy.quota, policy.window_seconds)], [sf_string(name)], "ietf", False
         )
-        body = {
-            "allowed": decision.allowed,
-            "limit": decision.limit,
-            "remaining": decision.remaining,
-            # JSON has no infinity: a hit that can never pass says so with null and "never".
-            "retry_after": None if decision.never else decision.retry_after,
-            "reset_after": decision.reset_after,
-            "never": decision.never,
-        }
-        response = JSONResponse(body, headers={"Cache-Control": "no-store"})
+        response = JSONResponse(_decision_body(decision), headers={"Cache-Control": "no-store"})
         for header, value in headers:
             response.headers[header.decode("latin-1")] = value.decode("latin-1")
         return response
@@ -451,15 +527,36 @@ def openapi_document() -> dict[str, Any]:
                     ),
                     "requestBody": {
                         "required": True,
-                        "content": {"application/json": {"schema": {"oneOf": variants}}},
+                        "content": {
+                            "application/json": {
+                                "schema": {"oneOf": [*variants, {"$ref": "#/components/schemas/Batch"}]}
+                            }
+                        },
                     },
                     "responses": {
                         "200": {
-                            **json_body("The decision, allowed or not.", "Decision"),
-                            "headers": rate_limit_header,
+                            "description": (
+                                "The decision, allowed or not; for a batch, its decisions in order (and no "
+                                "RateLimit headers)."
+                            ),
+                            "content": {
+                                "application/json": {
+                                    "schema": {
+                                        "oneOf": [
+                                            {"$ref": "#/components/schemas/Decision"},
+                                            {"$ref": "#/components/schemas/BatchDecision"},
+                                        ]
+                                    }
+                                }
+                            },
+                            "headers": {
+                                name: {**header, "required": False} for name, header in rate_limit_header.items()
+                            },
                         },
                         "400": problem(f"Not JSON, nested too deeply, or larger than {MAX_BODY_BYTES} bytes."),
-                        "422": problem('A field is missing, unknown or invalid; "field" names it.'),
+                        "422": problem(
+                            'A field is missing, unknown or invalid; "field" names it, "index" a batch\'s check.'
+                        ),
                         "503": problem("The backend did not answer; nothing was counted."),
                     },
                 }
@@ -531,6 +628,44 @@ def openapi_document() -> dict[str, Any]:
                         },
                     },
                 },
+                "Batch": {
+                    "title": "batch",
+                    "type": "object",
+                    "description": "Checks decided together: every one is taken, or none.",
+                    "properties": {
+                        "checks": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_BATCH,
+                            "items": {"oneOf": variants},
+                            "description": (
+                                "Each key and policy at most once; the sliding_window costs add up to at most "
+                                f"{MAX_SLIDING_WINDOW_LIMIT}."
+                            ),
+                        }
+                    },
+                    "required": ["checks"],
+                    "additionalProperties": False,
+                },
+                "BatchDecision": {
+                    "type": "object",
+                    "required": ["allowed", "results"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "allowed": {
+                            "type": "boolean",
+                            "description": "Whether every check was taken; when false, none was.",
+                        },
+                        "results": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Decision"},
+                            "description": (
+                                "One per check, in order: each its own verdict, and the state after the batch "
+                                "when it was taken, before it when not."
+                            ),
+                        },
+                    },
+                },
                 "Problem": {
                     "type": "object",
                     "required": ["type", "title", "status", "detail"],
@@ -540,6 +675,11 @@ def openapi_document() -> dict[str, Any]:
                         "status": {"type": "integer"},
                         "detail": {"type": "string"},
                         "field": {"type": "string", "description": "The request field at fault, when there is one."},
+                        "index": {
+                            "type": "integer",
+                            "minimum": 0,
+                            "description": "In a batch, the index of the check at fault.",
+                        },
                     },
                 },
                 "Health": {
@@ -559,6 +699,3 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
-
-
-app = create_app()

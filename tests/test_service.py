@@ -422,7 +422,11 @@ async def test_openapi_document_lists_every_route() -> None:
     document = response.json()
     assert document == openapi_document()
     assert set(document["paths"]) == {"/check", "/health", "/health/live", "/metrics", "/openapi.json"}
-    variants = document["paths"]["/check"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    *variants, batch = document["paths"]["/check"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "oneOf"
+    ]
+    assert batch == {"$ref": "#/components/schemas/Batch"}
+    assert document["components"]["schemas"]["Batch"]["properties"]["checks"]["items"]["oneOf"] == variants
     assert {v["properties"]["algorithm"]["const"] for v in variants} == {
         "token_bucket",
         "sliding_window",
@@ -556,19 +560,18 @@ async def test_without_lifespan() -> None:
     assert backend.closed == 0
 
 
-async def test_module_level_app_with_and_without_lifespan() -> None:
-    from asgi_ratelimit.service import app
+def test_importing_the_module_builds_no_app() -> None:
+    # The command line (and any ASGI server, through from_environment) builds the app: an import must
+    # not open a backend, nor register metrics on the global registry.
+    import subprocess
+    import sys
 
-    assert isinstance(app.state.backend, MemoryBackend)
-    key = {**TB, "key": "module-level-app"}
-    assert (await post(app, key)).status_code == 200
-
-    async def requests() -> None:
-        assert (await post(app, key)).json()["remaining"] == 8
-
-    await lifespan(app, requests)
-    # The module-level app owns its MemoryBackend: closing it at shutdown leaves it usable.
-    assert (await post(app, key)).status_code == 200
+    code = (
+        "import asgi_ratelimit.service as s, prometheus_client as p; "
+        "assert not hasattr(s, 'app'); "
+        "assert b'asgi_ratelimit' not in p.generate_latest()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 
 async def test_a_service_without_a_backend_builds_its_own() -> None:

@@ -8,6 +8,7 @@ and ``/metrics`` are the operations routes of health.py; ``/openapi.json`` descr
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -18,6 +19,7 @@ from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -50,7 +52,9 @@ __all__ = [
     "MAX_COST",
     "MAX_KEY_BYTES",
     "MAX_SLIDING_WINDOW_LIMIT",
+    "MIN_TOKEN_LENGTH",
     "BadRequest",
+    "check_token",
     "create_app",
     "parse_check",
     "parse_checks",
@@ -346,14 +350,65 @@ def _rule_name(algorithm: str) -> str:
     return f"service:{algorithm}"
 
 
-class _OperationsRoute:
-    """One operations route of health.py, as the ASGI endpoint of a Starlette Route."""
+#: The shortest token the service takes: a short one could be guessed by trying.
+MIN_TOKEN_LENGTH: Final = 16
+_REALM = 'Bearer realm="asgi-ratelimit"'
 
-    def __init__(self, operations: OperationsApp, path: str) -> None:
+
+def check_token(token: str, source: str = "token") -> str:
+    """Return ``token`` if the service can take it, or raise ConfigurationError (never quoting the token)."""
+    if not isinstance(token, str):
+        raise ConfigurationError(f"The service's {source} must be a string, got a {type(token).__name__}.")
+    if len(token) < MIN_TOKEN_LENGTH or not all("!" <= char <= "~" for char in token):
+        # The token itself is never repeated: it may be a real secret with one typo.
+        raise ConfigurationError(
+            f"The service's {source} must be at least {MIN_TOKEN_LENGTH} printable ASCII characters without "
+            f"spaces (e.g. from `openssl rand -hex 32`); got {len(token)} characters"
+            + ("." if len(token) < MIN_TOKEN_LENGTH else ", some of them not printable ASCII or spaces.")
+        )
+    return token
+
+
+class _Bearer:
+    """The bearer-token check of the routes that change counts (and of /metrics when protected)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = token.encode("ascii")
+
+    def refusal(self, headers: Headers) -> Response | None:
+        """None when the request carries the token; otherwise the 401 to answer."""
+        given = headers.get("authorization")
+        if given is None:
+            # RFC 6750: no error code when the request had no credentials at all.
+            return _problem(
+                401, "This route needs the header Authorization: Bearer <token>.", headers={"WWW-Authenticate": _REALM}
+            )
+        scheme, _, credentials = given.strip().partition(" ")
+        # compare_digest takes as long whatever the first differing byte: the token cannot be
+        # guessed a character at a time from response times.  Headers arrive decoded as latin-1.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(credentials.strip().encode("latin-1"), self._expected):
+            return _problem(
+                401,
+                "The bearer token is not the service's.",
+                headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+            )
+        return None
+
+
+class _OperationsRoute:
+    """One operations route of health.py, as the ASGI endpoint of a Starlette Route (behind the token or not)."""
+
+    def __init__(self, operations: OperationsApp, path: str, bearer: _Bearer | None) -> None:
         self.operations = operations
         self.path = path
+        self.bearer = bearer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.bearer is not None:
+            refusal = self.bearer.refusal(Headers(scope=scope))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
         await self.operations.serve(self.path, scope, send)
 
 
@@ -363,6 +418,8 @@ def create_app(
     timeout: float = 0.05,
     registry: CollectorRegistry | None = None,
     close_backend: bool | None = None,
+    token: str | None = None,
+    protect_metrics: bool = False,
 ) -> Starlette:
     """Build the decision service on ``backend`` (MemoryBackend when None).
 
@@ -371,7 +428,13 @@ def create_app(
         timeout: seconds a decision may take before the service answers 503 (default 0.05).
         registry: the Prometheus registry to count on and to serve at /metrics; the global REGISTRY by default.
         close_backend: close the backend at lifespan shutdown; by default only a backend the service built.
+        token: when set, /check (and /reset) answer 401 unless the request has ``Authorization: Bearer <token>``;
+            at least 16 printable ASCII characters.  /health, /health/live and /openapi.json stay open.
+        protect_metrics: put /metrics behind the token too (default False: scrapers often cannot send one).
     """
+    bearer = None if token is None else _Bearer(check_token(token))
+    if protect_metrics and bearer is None:
+        raise ConfigurationError("protect_metrics=True needs a token: without one, /metrics could not be reached.")
     store: Backend = MemoryBackend() if backend is None else backend
     closing = backend is None if close_backend is None else close_backend
     counted_on = REGISTRY if registry is None else registry
@@ -382,6 +445,10 @@ def create_app(
     operations = OperationsApp(limiter, registry=counted_on)
 
     async def check(request: Request) -> Response:
+        if bearer is not None:
+            refusal = bearer.refusal(request.headers)
+            if refusal is not None:
+                return refusal
         try:
             hits, batch = parse_checks(await _read_json(request))
         except BadRequest as exc:
@@ -417,7 +484,7 @@ def create_app(
             response.headers[header.decode("latin-1")] = value.decode("latin-1")
         return response
 
-    document = openapi_document()
+    document = openapi_document(bearer=bearer is not None, protect_metrics=protect_metrics)
 
     async def openapi(request: Request) -> Response:
         return JSONResponse(document)
@@ -439,7 +506,11 @@ def create_app(
         Route("/check", check, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *(
-            Route(path, _OperationsRoute(operations, path), methods=["GET", "HEAD"])
+            Route(
+                path,
+                _OperationsRoute(operations, path, bearer if path == "/metrics" and protect_metrics else None),
+                methods=["GET", "HEAD"],
+            )
             for path in ("/health", "/health/live", "/metrics")
         ),
     ]
@@ -462,8 +533,8 @@ def _parameter_schema(spec: _Algorithm, name: str) -> dict[str, Any]:
     return schema
 
 
-def openapi_document() -> dict[str, Any]:
-    """The OpenAPI 3.1 description of the service."""
+def openapi_document(*, bearer: bool = False, protect_metrics: bool = False) -> dict[str, Any]:
+    """The OpenAPI 3.1 description of the service (with the bearer token when it has one)."""
     variants = []
     for algorithm, spec in ALGORITHMS.items():
         properties: dict[str, Any] = {
@@ -509,7 +580,7 @@ def openapi_document() -> dict[str, Any]:
             "required": True,
         },
     }
-    return {
+    document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "asgi_ratelimit decision service",
@@ -699,3 +770,15 @@ def openapi_document() -> dict[str, Any]:
             }
         },
     }
+    if bearer:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        protected = [document["paths"]["/check"]["post"]]
+        if protect_metrics:
+            protected.append(document["paths"]["/metrics"]["get"])
+        for operation in protected:
+            operation["security"] = [{"bearer": []}]
+            operation["responses"]["401"] = {
+                **problem("No Authorization: Bearer header, or not the service's token."),
+                "headers": {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
+            }
+    return document

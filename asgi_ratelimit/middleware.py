@@ -454,6 +454,25 @@ class RateLimitMiddleware:
                     )
                 )
 
+    # -- support tools -------------------------------------------------------------------
+
+    async def reset(self, rule_name: str, key: str) -> None:
+        """Forget ``key``'s counts under the rule named ``rule_name``: its next request finds a full allowance.
+
+        ``key`` is what the rule's extractor returns (a client IP, an API key).  A rule whose limits
+        depend on the request is reset under every tier this process has applied.  Rules from
+        ``@rate_limit`` are known once the app has served its first request.  Raises
+        ConfigurationError for an unknown rule, BackendError when the backend does not answer.
+        Another process may still deny the key from its own deny cache until the wait it last told.
+        """
+        rule = next((rule for rule in self.rules if rule.name == rule_name), None)
+        if rule is None:
+            names = ", ".join(repr(rule.name) for rule in self.rules) or "none"
+            raise ConfigurationError(f"No rule is named {rule_name!r}; the rules are: {names}.")
+        tiers = [rule.static] if rule.static is not None else list(rule._dynamic_cache.values())
+        policies = list(dict.fromkeys(policy for limits in tiers for policy in limits.policies))
+        await self.limiter.reset(rule.identity(key), policies)
+
 
 def _routes_of(app: Any) -> list[Any] | None:
     routes = getattr(getattr(app, "router", app), "routes", None)

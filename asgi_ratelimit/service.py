@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -26,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ._keys import digest
 from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
@@ -46,6 +48,8 @@ from .policies import (
     TokenBucket,
 )
 
+logger = logging.getLogger("asgi_ratelimit")
+
 __all__ = [
     "MAX_BATCH",
     "MAX_BODY_BYTES",
@@ -58,6 +62,7 @@ __all__ = [
     "create_app",
     "parse_check",
     "parse_checks",
+    "parse_reset",
 ]
 
 MAX_BODY_BYTES: Final = 64 * 1024
@@ -284,6 +289,16 @@ def parse_checks(payload: object) -> tuple[list[Hit], bool]:
     return hits, True
 
 
+def parse_reset(payload: object) -> tuple[str, Policy]:
+    """Validate a /reset body (a check without a cost) and return (key, policy); raise BadRequest naming the field."""
+    if isinstance(payload, Mapping) and "checks" in payload:
+        raise BadRequest(422, 'A reset clears one key under one policy: /reset takes no "checks" batch.', "checks")
+    if isinstance(payload, Mapping) and "cost" in payload:
+        raise BadRequest(422, 'A reset takes no field "cost": it clears the key\'s state whatever was taken.', "cost")
+    key, policy, _ = parse_check(payload)
+    return key, policy
+
+
 def _json_kind(value: object) -> str:
     if isinstance(value, list):
         return "array"
@@ -428,7 +443,7 @@ def create_app(
         timeout: seconds a decision may take before the service answers 503 (default 0.05).
         registry: the Prometheus registry to count on and to serve at /metrics; the global REGISTRY by default.
         close_backend: close the backend at lifespan shutdown; by default only a backend the service built.
-        token: when set, /check (and /reset) answer 401 unless the request has ``Authorization: Bearer <token>``;
+        token: when set, /check and /reset answer 401 unless the request has ``Authorization: Bearer <token>``;
             at least 16 printable ASCII characters.  /health, /health/live and /openapi.json stay open.
         protect_metrics: put /metrics behind the token too (default False: scrapers often cannot send one).
     """
@@ -438,7 +453,9 @@ def create_app(
     store: Backend = MemoryBackend() if backend is None else backend
     closing = backend is None if close_backend is None else close_backend
     counted_on = REGISTRY if registry is None else registry
-    limiter = Limiter(store, timeout=timeout, registry=counted_on)
+    # No deny cache: a reset answered by one worker or instance must let the key through on every
+    # other one at once, and a denial remembered elsewhere would outlive it.
+    limiter = Limiter(store, timeout=timeout, registry=counted_on, deny_cache=False)
     if limiter.metrics is not None:
         for algorithm in ALGORITHMS:
             limiter.metrics.add_rule(_rule_name(algorithm))
@@ -484,6 +501,25 @@ def create_app(
             response.headers[header.decode("latin-1")] = value.decode("latin-1")
         return response
 
+    async def reset(request: Request) -> Response:
+        if bearer is not None:
+            refusal = bearer.refusal(request.headers)
+            if refusal is not None:
+                return refusal
+        try:
+            key, policy = parse_reset(await _read_json(request))
+        except BadRequest as exc:
+            return _problem(exc.status, exc.detail, exc.field)
+        try:
+            await limiter.reset(key, [policy])
+        except BackendError:
+            return _problem(
+                503, "The rate-limit backend did not answer; the key may not be reset.", headers={"Retry-After": "1"}
+            )
+        # An audit line for support: the key hashed as in the storage, never as given.
+        logger.info("asgi_ratelimit: reset key %s under %s", digest(key), policy.algorithm)
+        return Response(status_code=204)
+
     document = openapi_document(bearer=bearer is not None, protect_metrics=protect_metrics)
 
     async def openapi(request: Request) -> Response:
@@ -504,6 +540,7 @@ def create_app(
 
     routes = [
         Route("/check", check, methods=["POST"]),
+        Route("/reset", reset, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         *(
             Route(
@@ -535,7 +572,7 @@ def _parameter_schema(spec: _Algorithm, name: str) -> dict[str, Any]:
 
 def openapi_document(*, bearer: bool = False, protect_metrics: bool = False) -> dict[str, Any]:
     """The OpenAPI 3.1 description of the service (with the bearer token when it has one)."""
-    variants = []
+    variants: list[dict[str, Any]] = []
     for algorithm, spec in ALGORITHMS.items():
         properties: dict[str, Any] = {
             "key": {
@@ -559,6 +596,14 @@ def openapi_document(*, bearer: bool = False, protect_metrics: bool = False) -> 
                 "additionalProperties": False,
             }
         )
+
+    reset_variants = [
+        {
+            **variant,
+            "properties": {name: schema for name, schema in variant["properties"].items() if name != "cost"},
+        }
+        for variant in variants
+    ]
 
     def problem(description: str) -> dict[str, Any]:
         schema = {"$ref": "#/components/schemas/Problem"}
@@ -629,6 +674,25 @@ def openapi_document(*, bearer: bool = False, protect_metrics: bool = False) -> 
                             'A field is missing, unknown or invalid; "field" names it, "index" a batch\'s check.'
                         ),
                         "503": problem("The backend did not answer; nothing was counted."),
+                    },
+                }
+            },
+            "/reset": {
+                "post": {
+                    "summary": "Forget a key's state under one policy: its next check finds a full allowance.",
+                    "description": (
+                        "The body is a check without a cost: the key, the algorithm and its parameters, which "
+                        "name the state to clear. Resetting a key that has no state is no error."
+                    ),
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": {"oneOf": reset_variants}}},
+                    },
+                    "responses": {
+                        "204": {"description": "The key's state under that policy is gone."},
+                        "400": problem(f"Not JSON, nested too deeply, or larger than {MAX_BODY_BYTES} bytes."),
+                        "422": problem('A field is missing, unknown or invalid (a cost too); "field" names it.'),
+                        "503": problem("The backend did not answer; the key may not be reset."),
                     },
                 }
             },
@@ -772,7 +836,7 @@ def openapi_document(*, bearer: bool = False, protect_metrics: bool = False) -> 
     }
     if bearer:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-        protected = [document["paths"]["/check"]["post"]]
+        protected = [document["paths"]["/check"]["post"], document["paths"]["/reset"]["post"]]
         if protect_metrics:
             protected.append(document["paths"]["/metrics"]["get"])
         for operation in protected:

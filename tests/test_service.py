@@ -421,7 +421,7 @@ async def test_openapi_document_lists_every_route() -> None:
     assert response.status_code == 200
     document = response.json()
     assert document == openapi_document()
-    assert set(document["paths"]) == {"/check", "/health", "/health/live", "/metrics", "/openapi.json"}
+    assert set(document["paths"]) == {"/check", "/reset", "/health", "/health/live", "/metrics", "/openapi.json"}
     *variants, batch = document["paths"]["/check"]["post"]["requestBody"]["content"]["application/json"]["schema"][
         "oneOf"
     ]

@@ -12,10 +12,12 @@ import hmac
 import json
 import logging
 import math
+import os
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, Final
 
 from prometheus_client import REGISTRY, CollectorRegistry
@@ -30,6 +32,7 @@ from starlette.types import Receive, Scope, Send
 from ._keys import digest
 from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
+from .backends.redis import RedisBackend
 from .errors import BackendError, ConfigurationError
 from .headers import policy_item, rate_limit_headers, sf_string
 from .health import OperationsApp
@@ -51,6 +54,7 @@ from .policies import (
 logger = logging.getLogger("asgi_ratelimit")
 
 __all__ = [
+    "ENV_PREFIX",
     "MAX_BATCH",
     "MAX_BODY_BYTES",
     "MAX_COST",
@@ -58,8 +62,10 @@ __all__ = [
     "MAX_SLIDING_WINDOW_LIMIT",
     "MIN_TOKEN_LENGTH",
     "BadRequest",
+    "ServiceSettings",
     "check_token",
     "create_app",
+    "from_environment",
     "parse_check",
     "parse_checks",
     "parse_reset",
@@ -425,6 +431,131 @@ class _OperationsRoute:
                 await refusal(scope, receive, send)
                 return
         await self.operations.serve(self.path, scope, send)
+
+
+#: The prefix of the environment variables the service reads (ASGI_RATELIMIT_REDIS_URL, ...).
+ENV_PREFIX: Final = "ASGI_RATELIMIT_"
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """What the service is built from: the command line's options, or the environment in each worker.
+
+    Args:
+        redis_url: counts in Redis at this URL; in this process's memory when None.
+        prefix: the prefix of the Redis keys.
+        timeout: seconds a decision may take before the service answers 503.
+        token: the bearer token /check and /reset require; None leaves them open.
+        token_file: the file the token was read from, if any (workers read it again, so the
+            token itself need not travel in their environment).
+        protect_metrics: put /metrics behind the token too.
+    """
+
+    redis_url: str | None = None
+    prefix: str = "rl:"
+    timeout: float = 0.05
+    token: str | None = None
+    token_file: str | None = None
+    protect_metrics: bool = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> ServiceSettings:
+        """Read the ASGI_RATELIMIT_* variables; ConfigurationError names the variable at fault."""
+
+        def get(name: str) -> str | None:
+            value = environ.get(ENV_PREFIX + name)
+            return value if value else None
+
+        timeout_text = get("TIMEOUT")
+        timeout = 0.05
+        if timeout_text is not None:
+            try:
+                timeout = float(timeout_text)
+            except ValueError:
+                raise ConfigurationError(
+                    f"{ENV_PREFIX}TIMEOUT must be a number of seconds, got {timeout_text!r}."
+                ) from None
+        protect = environ.get(ENV_PREFIX + "PROTECT_METRICS", "").strip().lower()
+        if protect not in _TRUE | _FALSE:
+            raise ConfigurationError(
+                f"{ENV_PREFIX}PROTECT_METRICS must be one of 1, true, yes, on, 0, false, no, off; got {protect!r}."
+            )
+        token, token_file = get("TOKEN"), get("TOKEN_FILE")
+        if token is not None and token_file is not None:
+            raise ConfigurationError(
+                f"Set {ENV_PREFIX}TOKEN or {ENV_PREFIX}TOKEN_FILE (or --token-file), not both: which one is meant?"
+            )
+        settings = cls(
+            redis_url=get("REDIS_URL"),
+            prefix=environ.get(ENV_PREFIX + "PREFIX", "rl:"),
+            timeout=timeout,
+            token=token,
+            protect_metrics=protect in _TRUE,
+        )
+        return settings.with_token_file(token_file) if token_file is not None else settings
+
+    def with_token_file(self, path: str) -> ServiceSettings:
+        """These settings with the token read from ``path`` (trailing whitespace, e.g. a newline, dropped)."""
+        try:
+            token = Path(path).read_text(encoding="utf-8").rstrip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"Cannot read the token file {path!r}: {exc}.") from None
+        check_token(token, f"token in {path!r}")
+        return ServiceSettings(
+            self.redis_url, self.prefix, self.timeout, token, str(Path(path).resolve()), self.protect_metrics
+        )
+
+    def check(self) -> None:
+        """Raise ConfigurationError for settings the service would refuse, without building it."""
+        # The same checks create_app() and the backends make, run before any worker starts.
+        if self.token is not None:
+            check_token(self.token)
+        if self.protect_metrics and self.token is None:
+            raise ConfigurationError("--protect-metrics needs a token: without one, /metrics could not be reached.")
+        if isinstance(self.timeout, bool) or not 0 < self.timeout <= 60:
+            raise ConfigurationError(
+                f"timeout must be a number of seconds above 0 and at most 60, got {self.timeout!r}."
+            )
+        if self.redis_url is not None:
+            from redis.asyncio.connection import parse_url
+
+            try:
+                parse_url(self.redis_url)
+            except ValueError as exc:
+                raise ConfigurationError(f"Invalid Redis URL: {exc}") from None
+
+    def environment(self) -> dict[str, str | None]:
+        """These settings as the ASGI_RATELIMIT_* variables from_environment() reads (None: unset it)."""
+        return {
+            ENV_PREFIX + "REDIS_URL": self.redis_url,
+            ENV_PREFIX + "PREFIX": self.prefix,
+            ENV_PREFIX + "TIMEOUT": repr(self.timeout),
+            # A token from a file travels as the file's path, not as itself.
+            ENV_PREFIX + "TOKEN": self.token if self.token_file is None else None,
+            ENV_PREFIX + "TOKEN_FILE": self.token_file,
+            ENV_PREFIX + "PROTECT_METRICS": "1" if self.protect_metrics else "0",
+        }
+
+    def build(self) -> Starlette:
+        """The service these settings describe, owning its backend (closed at lifespan shutdown)."""
+        self.check()
+        backend: Backend = (
+            MemoryBackend() if self.redis_url is None else RedisBackend.from_url(self.redis_url, prefix=self.prefix)
+        )
+        return create_app(
+            backend, timeout=self.timeout, close_backend=True, token=self.token, protect_metrics=self.protect_metrics
+        )
+
+
+def from_environment() -> Starlette:
+    """Build the service from the ASGI_RATELIMIT_* environment variables: the factory each worker runs.
+
+    ``asgi-ratelimit serve`` hands it to uvicorn; any ASGI server that takes a factory can run it too
+    (``uvicorn --factory asgi_ratelimit.service:from_environment``).
+    """
+    return ServiceSettings.from_env(os.environ).build()
 
 
 def create_app(

@@ -236,12 +236,25 @@ def parse_check(payload: object) -> tuple[str, Policy, int]:
             hint = _HINTS.get((algorithm, name), "")
             raise BadRequest(422, f'The field "{name}" must be at most {highest:,}{hint}; got {_show(value)}.', name)
         arguments[name] = value
-    try:
-        policy = spec.cls(**arguments)
-    except ConfigurationError as exc:
-        field = _offending_field(spec, arguments)
-        raise BadRequest(422, f'The field "{field}" is out of range: {exc}', field) from None
+    # Callers send the same few policies over and over: building one (its checks, its key suffix) costs
+    # more than deciding the hit, so the valid ones are remembered.  Types are part of the signature:
+    # 60 and 60.0 build equal policies, but a cached one is never shared across types by accident.
+    signature = (algorithm, *((name, value.__class__, value) for name, value in arguments.items()))
+    policy = _POLICIES.get(signature)
+    if policy is None:
+        try:
+            policy = spec.cls(**arguments)
+        except ConfigurationError as exc:
+            field = _offending_field(spec, arguments)
+            raise BadRequest(422, f'The field "{field}" is out of range: {exc}', field) from None
+        if len(_POLICIES) >= _POLICIES_KEPT:
+            _POLICIES.clear()
+        _POLICIES[signature] = policy
     return key, policy, cost
+
+
+_POLICIES_KEPT = 4096
+_POLICIES: dict[tuple[Any, ...], Policy] = {}
 
 
 def parse_checks(payload: object) -> tuple[list[Hit], bool]:
@@ -334,24 +347,52 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 async def _read_json(request: Request) -> object:
     too_large = BadRequest(400, f"The body must be at most {MAX_BODY_BYTES:,} bytes.")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise too_large
+    # The messages read one by one (Request.stream() costs an async generator per request).
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise BadRequest(400, "The client went away before sending the whole body.")
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
             raise too_large
         chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
     try:
-        return json.loads(b"".join(chunks), parse_constant=_reject_constant)
+        # What json.loads(body, parse_constant=...) does, on a decoder built once rather than per request.
+        return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
     except RecursionError:
         raise BadRequest(400, "The body is nested too deeply.") from None
     except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise BadRequest(400, "The body must be valid JSON (UTF-8).") from None
+
+
+@dataclass(frozen=True)
+class _HeaderParts:
+    """A policy's RateLimit header parts, formatted once."""
+
+    items: list[str]  # its RateLimit-Policy item
+    names: list[str]  # its name as an RFC 9651 String
+    policy_header: str
+    state_format: str  # the RateLimit value of an allowed decision, a %-format of (remaining, t)
+
+
+def _header_parts(policy: Policy) -> _HeaderParts:
+    name = policy.algorithm
+    item = policy_item(name, policy.quota, policy.window_seconds)
+    return _HeaderParts([item], [sf_string(name)], item, sf_string(name).replace("%", "%%") + ";r=%d;t=%d")
 
 
 def _decision_body(decision: Decision) -> dict[str, Any]:
@@ -592,6 +633,8 @@ def create_app(
             limiter.metrics.add_rule(_rule_name(algorithm))
     operations = OperationsApp(limiter, registry=counted_on)
 
+    prepared: dict[Policy, _HeaderParts] = {}  # the header parts of the policies seen lately
+
     async def check(request: Request) -> Response:
         if bearer is not None:
             refusal = bearer.refusal(request.headers)
@@ -621,16 +664,22 @@ def create_app(
             return JSONResponse(body, headers={"Cache-Control": "no-store"})
         ((_, policy, _),) = hits
         (decision,) = decisions
-        name = policy.algorithm
-        # denied=False: this response is a 200 and Retry-After never goes on a 2xx; on a denial
-        # the RateLimit t parameter carries the same whole seconds Retry-After would.
-        headers = rate_limit_headers(
-            [decision], [policy_item(name, policy.quota, policy.window_seconds)], [sf_string(name)], "ietf", False
-        )
-        response = JSONResponse(_decision_body(decision), headers={"Cache-Control": "no-store"})
-        for header, value in headers:
-            response.headers[header.decode("latin-1")] = value.decode("latin-1")
-        return response
+        parts = prepared.get(policy)
+        if parts is None:
+            if len(prepared) >= _POLICIES_KEPT:
+                prepared.clear()
+            parts = prepared[policy] = _header_parts(policy)
+        if decision.allowed:
+            _, limit, remaining, _, reset_after, _ = decision
+            t = 0 if remaining >= limit else math.ceil(reset_after)
+            state = parts.state_format % (remaining, t)
+        else:
+            # denied=False: this response is a 200 and Retry-After never goes on a 2xx; on a denial
+            # the RateLimit t parameter carries the same whole seconds Retry-After would.
+            ((_, value),) = rate_limit_headers([decision], parts.items, parts.names, "ietf", False)[1:]
+            state = value.decode("ascii")
+        headers = {"cache-control": "no-store", "ratelimit-policy": parts.policy_header, "ratelimit": state}
+        return JSONResponse(_decision_body(decision), headers=headers)
 
     async def reset(request: Request) -> Response:
         if bearer is not None:

@@ -14,7 +14,7 @@ so each row also says how much CPU a decision costs, and how much of it is Redis
 ``--log-level warning`` (no access log) and ``--timeout 1`` (see server()).
 
     python benchmarks/bench_service.py --quick        # a smoke run, about 40 s
-    python benchmarks/bench_service.py                # the default run, about 3 minutes
+    python benchmarks/bench_service.py                # the default run, 3 rounds, about 7 minutes
 
 Writes benchmarks/results/service-<timestamp>.json (raw figures and the environment) and .md (the tables).
 """
@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,58 +164,91 @@ def redis_cpu(url: str) -> float:
         client.close()
 
 
+SETUPS = [("floor", 1), ("floor", 2), ("memory", 1), ("redis", 1), ("redis", 2)]
+MEDIAN_FIELDS = ("rps", "p50_ms", "p99_ms", "server_cpu_us", "redis_cpu_us")
+
+
 def measure(args: argparse.Namespace, script: Path) -> list[dict[str, Any]]:
+    """Every (server, body, connections) run once per round, servers in A B C ... then C B A ... order."""
     rows = []
     with private_redis() as redis_url:
-        setups = [("floor", 1), ("floor", 2), ("memory", 1), ("redis", 1), ("redis", 2)]
-        for kind, workers in setups:
-            with server(kind, workers, redis_url if kind == "redis" else None) as running:
-                for batch in (1, 10):
-                    for connections in (1, 50):
-                        if args.warmup:
-                            run_wrk(running.base, batch, connections, args.warmup, args.keys, script)
-                        cpu_before, redis_before = running.cpu(), redis_cpu(redis_url)
-                        result = run_wrk(running.base, batch, connections, args.duration, args.keys, script)
-                        requests = max(1, result["requests"])
-                        result.update(
-                            kind=kind,
-                            workers=workers,
-                            batch=batch,
-                            connections=connections,
-                            server_cpu_us=(running.cpu() - cpu_before) / requests * 1e6,
-                            redis_cpu_us=(redis_cpu(redis_url) - redis_before) / requests * 1e6,
-                        )
-                        rows.append(result)
-                        print(
-                            f"{kind:6} workers={workers} batch={batch:2} c={connections:2}: {result['rps']:8,.0f} req/s"
-                            f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
-                            f"  server CPU {result['server_cpu_us']:.0f} µs/req  Redis {result['redis_cpu_us']:.0f}",
-                            flush=True,
-                        )
+        for round_index in range(args.rounds):
+            setups = SETUPS if round_index % 2 == 0 else SETUPS[::-1]
+            rows += measure_round(args, script, redis_url, setups, round_index)
     return rows
 
 
+def measure_round(
+    args: argparse.Namespace, script: Path, redis_url: str, setups: list[tuple[str, int]], round_index: int
+) -> list[dict[str, Any]]:
+    rows = []
+    for kind, workers in setups:
+        with server(kind, workers, redis_url if kind == "redis" else None) as running:
+            for batch in (1, 10):
+                for connections in (1, 50):
+                    if args.warmup:
+                        run_wrk(running.base, batch, connections, args.warmup, args.keys, script)
+                    cpu_before, redis_before = running.cpu(), redis_cpu(redis_url)
+                    result = run_wrk(running.base, batch, connections, args.duration, args.keys, script)
+                    requests = max(1, result["requests"])
+                    result.update(
+                        round=round_index,
+                        kind=kind,
+                        workers=workers,
+                        batch=batch,
+                        connections=connections,
+                        server_cpu_us=(running.cpu() - cpu_before) / requests * 1e6,
+                        redis_cpu_us=(redis_cpu(redis_url) - redis_before) / requests * 1e6,
+                    )
+                    rows.append(result)
+                    print(
+                        f"{kind:6} workers={workers} batch={batch:2} c={connections:2}: {result['rps']:8,.0f} req/s"
+                        f"  p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms"
+                        f"  server CPU {result['server_cpu_us']:.0f} µs/req  Redis {result['redis_cpu_us']:.0f}",
+                        flush=True,
+                    )
+    return rows
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (server, workers, checks, connections): the median of each figure over the rounds."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["kind"], row["workers"], row["batch"], row["connections"]), []).append(row)
+    merged = []
+    for (kind, workers, batch, connections), runs in groups.items():
+        row: dict[str, Any] = {"kind": kind, "workers": workers, "batch": batch, "connections": connections}
+        for field in MEDIAN_FIELDS:
+            row[field] = statistics.median(run[field] for run in runs)
+        row["errors"] = sum(run["non_2xx"] + run["socket_errors"] for run in runs)
+        row["requests"] = sum(run["requests"] for run in runs)
+        merged.append(row)
+    order = {setup: index for index, setup in enumerate(SETUPS)}
+    return sorted(merged, key=lambda r: (order[(r["kind"], r["workers"])], r["batch"], r["connections"]))
+
+
 def render(document: dict[str, Any]) -> str:
-    rows = document["rows"]
+    rows = medians(document["rows"])
     floor = {(r["workers"], r["batch"], r["connections"]): r["rps"] for r in rows if r["kind"] == "floor"}
     env = document["environment"]
     lines = [
-        f"asgi_ratelimit decision service — {document['run_id']} — wrk -t1, {document['duration']} s per run, "
-        f"keys rotating over {document['keys']}",
+        f"asgi_ratelimit decision service — {document['run_id']} — medians of {document['rounds']} round(s), "
+        f"wrk -t1, {document['duration']} s per run, keys rotating over {document['keys']}",
         f"{env['cpus']} CPUs shared by the server, wrk and redis-server (nothing pinned); Python {env['python']}; "
         f"{env['wrk']}",
         "",
         "| server | workers | checks | connections | req/s | x floor | p50 ms | p99 ms | server CPU µs/req "
-        "| Redis CPU µs/req | non-2xx |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| checks/s per server core | Redis CPU µs/req | non-2xx / requests |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         # Memory runs one worker only: it is set beside the one-worker floor.
         ratio = r["rps"] / floor[(r["workers"], r["batch"], r["connections"])]
         lines.append(
             f"| {r['kind']} | {r['workers']} | {r['batch']} | {r['connections']} | {r['rps']:,.0f} | {ratio:.2f} "
-            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_us']:.0f} | {r['redis_cpu_us']:.0f} "
-            f"| {r['non_2xx'] + r['socket_errors']} |"
+            f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['server_cpu_us']:.0f} "
+            f"| {r['batch'] * 1e6 / r['server_cpu_us']:,.0f} | {r['redis_cpu_us']:.0f} "
+            f"| {r['errors']} / {r['requests']:,} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -222,12 +256,18 @@ def render(document: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="1 s per run, no warm-up (a smoke run)")
+    parser.add_argument("--rounds", type=int, help="rounds over all servers, medians reported (default 3, --quick 1)")
+    parser.add_argument("--render", metavar="JSON", help="print the tables of a saved run and exit")
     parser.add_argument("--duration", type=int, help="seconds of each measured wrk run (default 5, --quick 1)")
     parser.add_argument("--warmup", type=int, help="seconds of warm-up before each (default 1, --quick 0)")
     parser.add_argument("--keys", type=int, default=10_000, help="identities the requests rotate over")
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         print(f"bench_service.py: ignoring {' '.join(unknown)}", file=sys.stderr)
+    if args.render:
+        print(render(json.loads(Path(args.render).read_text())))
+        return
+    args.rounds = args.rounds or (1 if args.quick else 3)
     args.duration = args.duration or (1 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (0 if args.quick else 1)
     if wrk_version() == "missing":
@@ -249,6 +289,7 @@ def main(argv: list[str] | None = None) -> None:
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False).stdout
     document = {
         "run_id": run_id,
+        "rounds": args.rounds,
         "duration": args.duration,
         "warmup": args.warmup,
         "keys": args.keys,

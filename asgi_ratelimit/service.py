@@ -50,6 +50,7 @@ from .policies import (
     SlidingWindowCounter,
     TokenBucket,
 )
+from .rules import IDENTITY_SEPARATOR
 
 logger = logging.getLogger("asgi_ratelimit")
 
@@ -213,6 +214,10 @@ def parse_check(payload: object) -> tuple[str, Policy, int]:
         raise BadRequest(422, f'The field "key" must be a non-empty string; got {_show(key)}.', "key")
     if len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES:
         raise BadRequest(422, f'The field "key" must be at most {MAX_KEY_BYTES} bytes in UTF-8.', "key")
+    if IDENTITY_SEPARATOR in key:
+        # The middleware counts a rule's key as "<rule name>\x1f<key>": without this character a caller
+        # cannot name (spend or reset) the counts of a middleware sharing the service's backend.
+        raise BadRequest(422, 'The field "key" must not contain the control character U+001F.', "key")
     cost = payload.get("cost", 1)
     if not _is_int(cost) or not 1 <= cost <= MAX_COST:
         raise BadRequest(
@@ -562,6 +567,10 @@ class ServiceSettings:
         if self.redis_url is not None:
             from redis.asyncio.connection import parse_url
 
+            if "{" in self.prefix or "}" in self.prefix:
+                # As RedisBackend refuses it, but before any worker starts.
+                raise ConfigurationError(f"The Redis key prefix must not contain braces, got {self.prefix!r}.")
+
             try:
                 parse_url(self.redis_url)
             except ValueError as exc:
@@ -759,7 +768,10 @@ def openapi_document(*, bearer: bool = False, protect_metrics: bool = False) -> 
                 "type": "string",
                 "minLength": 1,
                 "maxLength": MAX_KEY_BYTES,
-                "description": f"The identity to limit, at most {MAX_KEY_BYTES} bytes in UTF-8. Stored hashed.",
+                "pattern": "^[^\\u001f]*$",
+                "description": (
+                    f"The identity to limit, at most {MAX_KEY_BYTES} bytes in UTF-8, without U+001F. Stored hashed."
+                ),
             },
             "algorithm": {"const": algorithm},
             "cost": {"type": "integer", "minimum": 1, "maximum": MAX_COST, "default": 1},

@@ -134,6 +134,8 @@ BAD_INPUTS = [
     bad("key-empty", {**SW, "key": ""}, 422, "key"),
     bad("key-over-1KiB", {**SW, "key": "k" * (MAX_KEY_BYTES + 1)}, 422, "key"),
     bad("key-over-1KiB-in-utf8", {**SW, "key": "é" * (MAX_KEY_BYTES // 2 + 1)}, 422, "key"),
+    # The middleware's identity separator: a caller could otherwise name a middleware rule's counts.
+    bad("key-with-the-identity-separator", {**SW, "key": "login\x1f203.0.113.7"}, 422, "key"),
     # missing parameters
     bad("capacity-missing", without(TB, "capacity"), 422, "capacity"),
     bad("refill_rate-missing", without(TB, "refill_rate"), 422, "refill_rate"),

@@ -8,6 +8,7 @@ and ``/metrics`` are the operations routes of health.py; ``/openapi.json`` descr
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import json
 import logging
@@ -502,7 +503,7 @@ class ServiceSettings:
     redis_url: str | None = None
     prefix: str = "rl:"
     timeout: float = 0.05
-    token: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)  # a secret: never in a repr, so never in a log line
     token_file: str | None = None
     protect_metrics: bool = False
 

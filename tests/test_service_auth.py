@@ -136,3 +136,11 @@ async def test_any_authorization_header_is_401_or_the_token(authorization: str) 
     response = await post(app, SW, headers={"authorization": authorization.encode("latin-1")})
     passes = authorization.strip()[:7].lower() == "bearer " and authorization.strip()[7:].strip() == TOKEN
     assert response.status_code == (200 if passes else 401), response.text
+
+
+def test_the_settings_never_show_the_token() -> None:
+    from asgi_ratelimit.service import ServiceSettings
+
+    settings = ServiceSettings(redis_url="redis://127.0.0.1:6379/0", token=TOKEN)
+    assert TOKEN not in repr(settings)
+    assert TOKEN not in str(settings)

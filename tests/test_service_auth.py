@@ -6,6 +6,7 @@ Every refusal is a 401 problem+json with ``WWW-Authenticate: Bearer``, comes bef
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httpx
@@ -144,3 +145,39 @@ def test_the_settings_never_show_the_token() -> None:
     settings = ServiceSettings(redis_url="redis://127.0.0.1:6379/0", token=TOKEN)
     assert TOKEN not in repr(settings)
     assert TOKEN not in str(settings)
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"ASGI_RATELIMIT_TIMEOUT": "soon"}, "ASGI_RATELIMIT_TIMEOUT must be a number of seconds, got 'soon'"),
+        ({"ASGI_RATELIMIT_PROTECT_METRICS": "maybe"}, "ASGI_RATELIMIT_PROTECT_METRICS must be one of"),
+        ({"ASGI_RATELIMIT_TOKEN": TOKEN, "ASGI_RATELIMIT_TOKEN_FILE": "/etc/hostname"}, "not both"),
+        ({"ASGI_RATELIMIT_TOKEN_FILE": "/nonexistent/token"}, "Cannot read the token file '/nonexistent/token'"),
+    ],
+)
+def test_settings_from_a_bad_environment_name_the_variable(environ: dict[str, str], message: str) -> None:
+    from asgi_ratelimit.service import ServiceSettings
+
+    with pytest.raises(ConfigurationError) as raised:
+        ServiceSettings.from_env(environ)
+    assert message in str(raised.value)
+    assert TOKEN not in str(raised.value)
+
+
+async def test_from_environment_builds_the_service_the_variables_describe(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from asgi_ratelimit.service import from_environment
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    for name in [name for name in os.environ if name.startswith("ASGI_RATELIMIT_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ASGI_RATELIMIT_TOKEN_FILE", str(token_file))
+    monkeypatch.setenv("ASGI_RATELIMIT_PROTECT_METRICS", "on")
+    app = from_environment()
+    assert isinstance(app.state.backend, MemoryBackend)
+    assert (await get(app, "/metrics")).status_code == 401
+    assert (await post(app, SW, headers=GOOD)).status_code == 200
+    await app.state.backend.aclose()

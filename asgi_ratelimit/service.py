@@ -387,18 +387,17 @@ async def _read_json(request: Request) -> object:
 
 @dataclass(frozen=True)
 class _HeaderParts:
-    """A policy's RateLimit header parts, formatted once."""
+    """A policy's RateLimit header parts, formatted once (headers.py formats the state per decision)."""
 
     items: list[str]  # its RateLimit-Policy item
     names: list[str]  # its name as an RFC 9651 String
-    policy_header: str
-    state_format: str  # the RateLimit value of an allowed decision, a %-format of (remaining, t)
+    policy_header: bytes  # the RateLimit-Policy value, encoded
 
 
 def _header_parts(policy: Policy) -> _HeaderParts:
     name = policy.algorithm
     item = policy_item(name, policy.quota, policy.window_seconds)
-    return _HeaderParts([item], [sf_string(name)], item, sf_string(name).replace("%", "%%") + ";r=%d;t=%d")
+    return _HeaderParts([item], [sf_string(name)], item.encode("ascii"))
 
 
 def _decision_body(decision: Decision) -> dict[str, Any]:
@@ -679,16 +678,13 @@ def create_app(
             if len(prepared) >= _POLICIES_KEPT:
                 prepared.clear()
             parts = prepared[policy] = _header_parts(policy)
-        if decision.allowed:
-            _, limit, remaining, _, reset_after, _ = decision
-            t = 0 if remaining >= limit else math.ceil(reset_after)
-            state = parts.state_format % (remaining, t)
-        else:
-            # denied=False: this response is a 200 and Retry-After never goes on a 2xx; on a denial
-            # the RateLimit t parameter carries the same whole seconds Retry-After would.
-            ((_, value),) = rate_limit_headers([decision], parts.items, parts.names, "ietf", False)[1:]
-            state = value.decode("ascii")
-        headers = {"cache-control": "no-store", "ratelimit-policy": parts.policy_header, "ratelimit": state}
+        # denied=False: this response is a 200 and Retry-After never goes on a 2xx; on a denial
+        # the RateLimit t parameter carries the same whole seconds Retry-After would.
+        headers = {"cache-control": "no-store"}
+        for name, value in rate_limit_headers(
+            [decision], parts.items, parts.names, "ietf", False, policy_header=parts.policy_header
+        ):
+            headers[name.decode("latin-1")] = value.decode("latin-1")
         return JSONResponse(_decision_body(decision), headers=headers)
 
     async def reset(request: Request) -> Response:

@@ -1,13 +1,18 @@
 """Developer tasks, one session per gate.
 
-nox -s tests | lint | typecheck | bench | bench_cluster | docs | plots | example | demo
+nox -s tests | tests_lowest | lint | typecheck | bench | bench_cluster | docs | plots | example | demo
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import re
+import tomllib
+
 import nox
 
-nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.sessions = ["tests", "tests_lowest", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True
 
 TEST_DEPS = ".[test,hiredis,jwt]"
@@ -26,6 +31,39 @@ def tests(session: nox.Session) -> None:
         "pytest", "--cov", "--cov-report=term-missing:skip-covered", "-m", "not timing", *session.posargs, env=env
     )
     # Exit code 5 (no test selected) is fine here: posargs may name files without timing tests.
+    session.run("pytest", "-m", "timing", *session.posargs, env=env, success_codes=[0, 5])
+
+
+def _lowest_versions() -> list[str]:
+    """``name==X`` for the lower bound of every runtime dependency, the optional ones the tests use
+    (hiredis, PyJWT), and FastAPI: read from pyproject.toml, so the bounds it declares are the ones tested."""
+    with open("pyproject.toml", "rb") as file:
+        project = tomllib.load(file)["project"]
+    extras = project["optional-dependencies"]
+    wanted = [*project["dependencies"], *extras["hiredis"], *extras["jwt"]]
+    wanted += [spec for spec in extras["test"] if spec.startswith("fastapi")]
+    pins = []
+    for spec in wanted:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?>=([0-9][0-9.]*)", spec)
+        if match is None:
+            raise ValueError(f"pyproject.toml: {spec!r} has no plain >= lower bound to test")
+        pins.append(f"{match[1]}=={match[2]}")
+    return pins
+
+
+def _oldest_python() -> str:
+    """The lowest Python the package declares (3.10), as pyenv installs it, else whatever nox finds."""
+    found = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.10.*/bin/python3.10")))
+    return found[-1] if found else "3.10"
+
+
+@nox.session(python=_oldest_python())
+def tests_lowest(session: nox.Session) -> None:
+    """The suite on Python 3.10 with the lowest version of every declared dependency (pyproject's >= bounds)."""
+    session.install("-e", TEST_DEPS, *_lowest_versions())
+    session.run("pip", "list", "--format=freeze", silent=False)
+    env = {"PYTHONDONTWRITEBYTECODE": "1"}
+    session.run("pytest", "-m", "not timing", *session.posargs, env=env)
     session.run("pytest", "-m", "timing", *session.posargs, env=env, success_codes=[0, 5])
 
 

@@ -152,18 +152,19 @@ class ClientIP:
     one host cannot rotate through its 2**64 addresses to multiply its allowance.  1 to 128, default 64.
     IPv4-mapped IPv6 addresses are keyed as the IPv4 address.
 
-    ``proxy_header``: which forwarding header the proxies write.  ``"auto"`` (the default) reads
-    ``Forwarded`` (RFC 7239) when the request has one, else ``X-Forwarded-For``; this is safe only if the
-    outermost proxy strips whichever of the two it does not write.  ``"forwarded"`` reads only
-    ``Forwarded``; any other header name is read as an ``X-Forwarded-For``-style comma-separated list
-    (``"x-forwarded-for"``, ``"x-real-ip"``, ``"cf-connecting-ip"``...).
+    ``proxy_header``: the one forwarding header the proxies write, and the only one read.
+    ``"x-forwarded-for"`` (the default: nginx, HAProxy, cloud load balancers, Traefik and Caddy write it);
+    ``"forwarded"`` for RFC 7239 ``Forwarded``; any other header name is read as an
+    ``X-Forwarded-For``-style comma-separated list (``"x-real-ip"``, ``"cf-connecting-ip"``...).  One
+    header, never a choice between two: a proxy passes on the header it does not write as the client
+    sent it, so reading that one would let any client pick its own key.
 
     A peer that is not an IP address (a unix socket path, Starlette's ``"testclient"``) is the key as it
     is; a request without a peer is keyed ``"unknown-client"``.  Never returns None.
     """
 
     def __init__(
-        self, trusted_proxies: Iterable[str] = (), *, ipv6_prefix: int = 64, proxy_header: str = "auto"
+        self, trusted_proxies: Iterable[str] = (), *, ipv6_prefix: int = 64, proxy_header: str = "x-forwarded-for"
     ) -> None:
         if isinstance(trusted_proxies, (str, bytes)):
             raise ConfigurationError(
@@ -174,7 +175,14 @@ class ClientIP:
             raise ConfigurationError(f"ClientIP: invalid ipv6_prefix {ipv6_prefix!r}: it must be an integer 1 to 128.")
         if not isinstance(proxy_header, str) or not _TOKEN.fullmatch(proxy_header):
             raise ConfigurationError(
-                f'ClientIP: invalid proxy_header {proxy_header!r}: give "auto", "forwarded" or a header name.'
+                f"ClientIP: invalid proxy_header {proxy_header!r}: "
+                'give "x-forwarded-for", "forwarded" or a header name.'
+            )
+        if proxy_header.lower() == "auto":
+            raise ConfigurationError(
+                "ClientIP: proxy_header 'auto' is not accepted: a client could send whichever of Forwarded and "
+                'X-Forwarded-For the proxy does not write.  Name the one your proxies write: "x-forwarded-for" '
+                '(nginx, HAProxy, cloud load balancers, Traefik, Caddy) or "forwarded".'
             )
         networks = [_trusted_network(entry) for entry in trusted_proxies]
         self._trusted_text = tuple(str(network) for network in networks)
@@ -187,9 +195,9 @@ class ClientIP:
         self._ipv6_prefix = ipv6_prefix
         self._ipv6_mask = ((1 << 128) - 1) ^ ((1 << (128 - ipv6_prefix)) - 1)
         self._proxy_header = proxy_header.lower()
-        self._list_header = b"x-forwarded-for" if self._proxy_header == "auto" else self._proxy_header.encode("ascii")
-        self._read_forwarded = self._proxy_header in ("auto", "forwarded")
-        self._read_list = self._proxy_header != "forwarded"
+        self._list_header = self._proxy_header.encode("ascii")
+        self._read_forwarded = self._proxy_header == "forwarded"
+        self._read_list = not self._read_forwarded
         # Peer or hop text -> (key, trusted), None for non-addresses.  Parsing an IPv6 address costs
         # microseconds; clients repeat.  Attackers can vary the text freely, hence the bound.
         self._cache: dict[str, tuple[str, bool] | None] = {}
@@ -445,7 +453,6 @@ class JWTClaim:
             "enforce_minimum_key_length": True,
         }
         self._decode: Callable[..., dict[str, Any]] = jwt.PyJWT().decode
-        self._errors: tuple[type[Exception], ...] = (jwt.PyJWTError, ValueError, TypeError)
 
     def __repr__(self) -> str:
         parts = [
@@ -499,8 +506,11 @@ class JWTClaim:
                 issuer=self._issuer,
                 leeway=self._leeway,
             )
-        except self._errors:
-            return None  # deliberately silent: the token must never reach a log
+        except Exception:
+            # Any failure, the library's own included (a header nested thousands deep exhausts the recursion
+            # limit in some versions), means the token proves nothing: no key, never a 500.  Deliberately
+            # silent: the token must never reach a log.
+            return None
         value = payload.get(self._claim)
         if isinstance(value, str):
             return _cap(value, 256) if value else None

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.types import Receive, Scope, Send
 
+from ._scope import route_path
 from .errors import BackendError, ConfigurationError
 from .limiter import Limiter
 
@@ -75,8 +76,6 @@ class OperationsApp:
             return
         if scope["type"] != "http":
             return  # a websocket handshake left unanswered is refused by the server
-        from .middleware import route_path  # here: the middleware imports this module
-
         await self.serve(route_path(scope), scope, send)
 
     async def serve(self, path: str, scope: Scope, send: Send) -> None:
@@ -115,7 +114,13 @@ class OperationsApp:
         else:
             status, text = 200, "ok"
         latency_ms = round((time.perf_counter() - started) * 1000, 3)
-        return status, {"status": text, "backend": self._backend_name, "latency_ms": latency_ms}
+        body: dict[str, Any] = {"status": text, "backend": self._backend_name, "latency_ms": latency_ms}
+        bug = self.limiter.bug
+        if bug is not None:
+            # The backend answers pings, but decisions fail with a bug: limits are not being applied.
+            status, body["status"] = 503, "error"
+            body["error"] = type(bug.__cause__ or bug).__name__
+        return status, body
 
 
 def operations_app(

@@ -31,7 +31,7 @@ from .errors import BackendError, ConfigurationError
 from .metrics import ErrorKind, LimiterMetrics, Result, metrics_for
 from .policies import Concurrency, Decision, Policy
 
-__all__ = ["Limiter", "error_kind"]
+__all__ = ["BUG_KINDS", "Limiter", "error_kind"]
 
 logger = logging.getLogger("asgi_ratelimit")
 
@@ -56,7 +56,7 @@ class _BreakerOpen(BackendError):
 
 
 def error_kind(exc: BaseException) -> ErrorKind:
-    """The bounded kind of a backend failure, for the errors metric: timeout, connection, script or other."""
+    """The bounded kind of a backend failure, for the errors metric: timeout, connection, server, script or other."""
     if isinstance(exc, _Abandoned):
         return "timeout"
     if isinstance(exc, _BreakerOpen):
@@ -71,9 +71,32 @@ def error_kind(exc: BaseException) -> ErrorKind:
         if isinstance(seen, (redis_errors.ConnectionError, ConnectionError, OSError)):
             return "connection"
         if isinstance(seen, redis_errors.ResponseError):
-            return "script"  # the server refused the script call: NOSCRIPT, OOM, CROSSSLOT, a Lua error
+            # A refusal that reflects the server's state (full, a replica during failover, loading after a
+            # restart, busy, a cluster without a quorum) is an outage; any other (a Lua error in our script,
+            # NOSCRIPT, CROSSSLOT, WRONGTYPE) is a bug in what we sent.
+            if isinstance(seen, _SERVER_STATE_CLASSES) or str(seen).split(" ", 1)[0] in _SERVER_STATE_ERRORS:
+                return "server"
+            return "script"
         seen = seen.__cause__
     return "other"
+
+
+# What Redis answers about its own state, not about the command: redis-py's classes for those replies
+# (which drop the code from the message), and the codes of the others (the reply's first word).
+_SERVER_STATE_CLASSES: Final = (
+    redis_errors.ReadOnlyError,
+    redis_errors.OutOfMemoryError,
+    redis_errors.MasterDownError,
+    redis_errors.ClusterDownError,
+    redis_errors.TryAgainError,
+)
+_SERVER_STATE_ERRORS: Final = frozenset(
+    {"OOM", "READONLY", "LOADING", "BUSY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS", "MISCONF"}
+)
+
+#: Failures that are bugs (ours, or a backend's), not outages: logged with their traceback, and the
+#: backend reported unhealthy until a call succeeds.  Requests still fail open or closed as configured.
+BUG_KINDS: Final[frozenset[ErrorKind]] = frozenset({"script", "other"})
 
 
 def _release(future: asyncio.Future[None]) -> None:
@@ -167,6 +190,8 @@ class Limiter:
         self._failed_calls = 0
         self._unlogged = 0
         self._last_log = -math.inf
+        self._bug: BackendError | None = None  # the last failure that was a bug, until a call succeeds
+        self._last_bug_log = -math.inf
         if self.metrics is not None:
             self.metrics.breaker_state.set(0)
 
@@ -174,6 +199,11 @@ class Limiter:
     def state(self) -> BreakerState:
         """The circuit breaker's state: ``"closed"``, ``"open"`` or ``"half_open"``."""
         return self._state
+
+    @property
+    def bug(self) -> BackendError | None:
+        """The last backend failure that was a bug rather than an outage, until a call succeeds again."""
+        return self._bug
 
     @property
     def abandoned(self) -> int:
@@ -411,6 +441,8 @@ class Limiter:
             self.metrics.backend_latency.observe(time.perf_counter() - started)
         kind = error_kind(error)
         self._count_failure(kind, error)
+        if kind in BUG_KINDS and _raised_by_code(error):
+            self._report_bug(error)
         if probe and isinstance(error, _Abandoned) and not self._in_process:
             return  # the probe goes on in the background; _probe_done decides
         if probe:
@@ -423,7 +455,23 @@ class Limiter:
                 self._open(f"{self._failures} consecutive failures, the last: {kind}")
         # A call started before the breaker opened changes nothing once it is open.
 
+    def _report_bug(self, error: BackendError) -> None:
+        """Log a failure that is a bug with its traceback (at most once per log interval), and remember it."""
+        self._bug = error
+        now = self._clock()
+        if now - self._last_bug_log < self.log_interval:
+            return
+        self._last_bug_log = now
+        logger.error(
+            "asgi_ratelimit: a backend call failed with an error that is a bug, not an outage (%s); requests "
+            "fail open or closed as configured, and the health route reports the backend unhealthy until a "
+            "call succeeds",
+            error,
+            exc_info=error,
+        )
+
     def _succeeded(self, probe: bool) -> None:
+        self._bug = None
         if probe:
             self._probing = False
         if self._state is not CLOSED and not probe:
@@ -499,6 +547,15 @@ class Limiter:
         result: Result = "failed_open" if failed_open else "failed_closed"
         for name, _, _ in spans:
             metrics.count(name, result)
+
+
+def _raised_by_code(error: BackendError) -> bool:
+    """Whether a failure comes from an exception in code (ours, or a driver's), not a backend's own BackendError.
+
+    A backend that raises BackendError itself, with no cause, reports an outage it has recognised.
+    """
+    cause = error.__cause__
+    return cause is not None and not isinstance(cause, BackendError)
 
 
 def _wrap(exc: BaseException) -> BackendError:

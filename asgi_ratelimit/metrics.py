@@ -35,10 +35,10 @@ __all__ = [
 ]
 
 Result = Literal["allowed", "denied", "dry_run_denied", "failed_open", "failed_closed"]
-ErrorKind = Literal["timeout", "connection", "script", "breaker_open", "other"]
+ErrorKind = Literal["timeout", "connection", "server", "script", "breaker_open", "other"]
 
 RESULTS: Final[tuple[Result, ...]] = ("allowed", "denied", "dry_run_denied", "failed_open", "failed_closed")
-ERROR_KINDS: Final[tuple[ErrorKind, ...]] = ("timeout", "connection", "script", "breaker_open", "other")
+ERROR_KINDS: Final[tuple[ErrorKind, ...]] = ("timeout", "connection", "server", "script", "breaker_open", "other")
 #: Values of asgi_ratelimit_breaker_state.
 BREAKER_STATES: Final[dict[str, int]] = {"closed": 0, "open": 1, "half_open": 2}
 

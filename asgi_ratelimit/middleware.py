@@ -11,20 +11,27 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry
+from starlette.exceptions import HTTPException
 from starlette.requests import HTTPConnection, Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._context import current_guard
+from ._scope import route_path
+from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
 from .backends.base import Backend, Hit
-from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .headers import (
     HEADER_NAMES,
+    QUOTA_EXCEEDED,
     HeaderMode,
     check_mode,
+    item_name,
     one_limit_headers,
     rate_limit_headers,
     retry_after_seconds,
@@ -32,22 +39,15 @@ from .headers import (
 from .health import OperationsApp
 from .limiter import Limiter, Span
 from .policies import Decision
-from .rules import ROUTE_MARKER, CompiledLimits, Rule
+from .rules import CompiledLimits, Rule, bypassed_endpoint, endpoints_marked
 
 __all__ = ["RateLimitMiddleware"]
+
+logger = logging.getLogger("asgi_ratelimit")
 
 OnLimited = Callable[[HTTPConnection, Sequence[Decision]], Awaitable[ASGIApp] | ASGIApp]
 ExemptPredicate = Callable[[HTTPConnection], bool | Awaitable[bool]]
 Exempt = Iterable[str] | ExemptPredicate
-
-
-def route_path(scope: Scope) -> str:
-    """The path the app routes on: ``scope["path"]`` without the ``root_path`` it is mounted under."""
-    path: str = scope["path"]
-    root: str = scope.get("root_path", "")
-    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root) :] or "/"
-    return path
 
 
 class RateLimitMiddleware:
@@ -57,7 +57,9 @@ class RateLimitMiddleware:
         app: the ASGI app to protect.
         rules: the Rules; every rule that matches a request applies, and the request passes only
             when all of their limits allow it.  Endpoints marked with ``@rate_limit`` add theirs.
-        backend: where counts live; ``MemoryBackend()`` (one process) by default.
+        backend: where counts live: a Backend, or a URL (``"redis://host:6379/0"``, ``"rediss://..."``,
+            ``"memory://"``); ``MemoryBackend()`` (one process) by default.  At lifespan start-up the
+            backend is pinged, and an ERROR is logged when it does not answer (the app still starts).
         headers: ``"ietf"`` (RateLimit and RateLimit-Policy, the default), ``"legacy"``
             (X-RateLimit-*), ``"both"`` or ``"none"``.  Retry-After is always sent on a 429.
         exempt: paths (templates as in Rule) or a predicate of the request that are never limited.
@@ -83,7 +85,7 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         rules: Sequence[Rule] = (),
-        backend: Backend | None = None,
+        backend: Backend | str | None = None,
         headers: HeaderMode = "ietf",
         exempt: Exempt = (),
         dry_run: bool = False,
@@ -99,7 +101,7 @@ class RateLimitMiddleware:
         deny_cache: bool = True,
     ) -> None:
         self.app = app
-        self.backend: Backend = MemoryBackend() if backend is None else backend
+        self.backend, self._backend_url = backend_from(backend)  # a URL string is built here, and closed at shutdown
         if not isinstance(metrics, bool):
             raise ConfigurationError(f"metrics must be True or False, got {metrics!r}.")
         self.registry: CollectorRegistry = REGISTRY if registry is None else registry
@@ -139,7 +141,6 @@ class RateLimitMiddleware:
             if isinstance(exempt, str):
                 raise ConfigurationError(f"exempt must be a list of paths or a predicate, got {exempt!r}.")
             self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
-        self._routes_loaded = False
         self._releasing: set[asyncio.Task[None]] = set()  # slot releases under way (kept from the GC)
         self._deny_bodies: dict[tuple[tuple[str, ...], int, bool], bytes] = {}  # 429 bodies already built
 
@@ -151,33 +152,74 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type != "http" and scope_type != "websocket":
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, self._at_lifespan(scope, send) if scope_type == "lifespan" else send)
             return
-        if not self._routes_loaded:
-            self._load_route_rules(scope)
         path = route_path(scope) if scope.get("root_path") else scope["path"]  # not mounted: no call
         if self._operations is not None and scope_type == "http" and path in self._operations.paths:
             await self._operations.serve(path, scope, send)
             return
+        if not endpoints_marked():
+            await self._limit(scope, receive, send, path, None)
+            return
+        # Some endpoint is marked with @rate_limit: it asks this request's guard when it is reached.
+        guard = _Guard(self, scope, receive, send)
+        token = current_guard.set(guard)
+        try:
+            await self._limit(scope, receive, guard.send, path, guard)
+        finally:
+            current_guard.reset(token)
+
+    def _at_lifespan(self, scope: Scope, send: Send) -> Send:
+        """Check the backend and the rules once the app has started; close a backend built from a URL at shutdown."""
+
+        async def send_with_checks(message: Message) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await ping_at_startup(self.backend, self._backend_url)
+                check_rules_reach_routes(self.rules, scope.get("app") or self.app)
+            elif message["type"] == "lifespan.shutdown.complete" and self._backend_url is not None:
+                await self.backend.aclose()
+            await send(message)
+
+        return send_with_checks
+
+    async def _limit(self, scope: Scope, receive: Receive, send: Send, path: str, guard: _Guard | None) -> None:
+        """Apply the middleware's Rules to the request, then run the app (or answer 429/503 instead)."""
         method = scope.get("method", "GET")
         matched = []
         for rule in self.rules:  # a loop, not a comprehension: most requests match one rule or none
             if rule.matches(method, path):
                 matched.append(rule)
-        if not matched or (self._exempt_paths and any(rule.matches(method, path) for rule in self._exempt_paths)):
+        if self._exempt_paths and any(rule.matches(method, path) for rule in self._exempt_paths):
+            if guard is not None:
+                guard.exempt = True
             await self.app(scope, receive, send)
             return
+        if not matched:
+            await self.app(scope, receive, send)
+            return
+        await self._apply(matched, self.app, scope, receive, send, guard)
+
+    async def _apply(
+        self, matched: Sequence[Rule], app: ASGIApp, scope: Scope, receive: Receive, send: Send, guard: _Guard | None
+    ) -> None:
+        """Decide the ``matched`` rules in one backend call, then run ``app`` or answer 429 (or 503) instead."""
         # Built only for user code (a predicate, a key, limits or cost callable, on_limited): the built-in
         # extractors read the scope, and building a Request is a noticeable part of what the middleware adds.
         request: HTTPConnection | None = None
         if self._exempt_predicate is not None:
-            request = _connection(scope, receive)
-            exempted = self._exempt_predicate(request)
-            # An async predicate returns a coroutine, which is truthy: await it, or everything is exempt.
-            if inspect.isawaitable(exempted):
-                exempted = await exempted
+            exempted: bool | Awaitable[bool]
+            if guard is not None and guard.exempt is not None:
+                exempted = guard.exempt  # already asked for this request
+            else:
+                request = _connection(scope, receive)
+                exempted = self._exempt_predicate(request)
+                # An async predicate returns a coroutine, which is truthy: await it, or everything is exempt.
+                if inspect.isawaitable(exempted):
+                    exempted = await exempted
+                if guard is not None:
+                    guard.exempt = bool(exempted)
             if exempted:
-                await self.app(scope, receive, send)
+                await app(scope, receive, send)
                 return
 
         slots: list[tuple[str, str, CompiledLimits]] | None = None  # (rule name, identity, limits) with a Concurrency
@@ -188,7 +230,7 @@ class RateLimitMiddleware:
             scope_key, limits, cost = rule.from_scope
             value = scope_key(scope)
             if value is None:
-                await self.app(scope, receive, send)
+                await app(scope, receive, send)
                 return
             identity = rule.identities.get(value) or rule.identity(value)  # no call for a key seen lately
             hits: list[Hit] = []
@@ -228,6 +270,8 @@ class RateLimitMiddleware:
                     limits = rule.limits_for(request)
                     cost = rule.cost_for(request)
                 identity = rule.identity(value)
+                if rule.partition_secret is not None:  # this key's header items carry its pk
+                    limits = rule.partitioned(limits, identity)
                 for policy in limits.policies:
                     hits.append((identity, policy, cost))
                 spans.append((rule.name, identity, len(limits.policies)))
@@ -243,7 +287,7 @@ class RateLimitMiddleware:
                 if not (self.fail_open if rule.fail_open is None else rule.fail_open):
                     fail_open = False
         if not hits and not slots:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
 
         try:
@@ -256,7 +300,7 @@ class RateLimitMiddleware:
         except BackendError:
             self.limiter.count_failure(spans, fail_open)
             if fail_open:
-                await self.app(scope, receive, send)
+                await app(scope, receive, send)
             else:
                 await self._unavailable(scope, receive, send)
             return
@@ -278,7 +322,7 @@ class RateLimitMiddleware:
             return
         if slots:
             await self._run_with_slots(
-                scope, receive, send, request, slots, decisions, policy_items, item_names, fail_open
+                app, scope, receive, send, request, slots, decisions, policy_items, item_names, fail_open, guard
             )
             return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
@@ -288,13 +332,11 @@ class RateLimitMiddleware:
             headers = rate_limit_headers(
                 decisions, policy_items, item_names, self.header_mode, denied=False, policy_header=policy_header
             )
-        if not headers:
-            await self.app(scope, receive, send)
-            return
-        await self.app(scope, receive, _with_headers(send, headers))
+        await app(scope, receive, _with_headers(send, headers, guard))
 
     async def _run_with_slots(
         self,
+        app: ASGIApp,
         scope: Scope,
         receive: Receive,
         send: Send,
@@ -304,6 +346,7 @@ class RateLimitMiddleware:
         policy_items: tuple[str, ...],
         item_names: tuple[str, ...],
         fail_open: bool,
+        guard: _Guard | None = None,
     ) -> None:
         """Take a concurrency slot per rule that has one, run the app, and give the slots back when it ends."""
         taken: list[tuple[str, str]] = []  # (identity, token)
@@ -342,7 +385,7 @@ class RateLimitMiddleware:
                 return
         headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=False)
         try:
-            await self.app(scope, receive, _with_headers(send, headers) if headers else send)
+            await app(scope, receive, _with_headers(send, headers, guard))
         finally:
             # Released whatever way the app ended: a response, an exception, a client gone away.
             self._release_later(taken)
@@ -372,11 +415,12 @@ class RateLimitMiddleware:
         headers: list[tuple[bytes, bytes]],
     ) -> None:
         if self.on_limited is not None:
-            response = self.on_limited(request if request is not None else _connection(scope, receive), decisions)
-            if inspect.isawaitable(response):
-                response = await response
-            await response(scope, receive, _with_headers(send, headers))
-            return
+            response = await self._on_limited(
+                request if request is not None else _connection(scope, receive), decisions
+            )
+            if response is not None:
+                await response(scope, receive, _with_headers(send, headers))
+                return
         violated: list[str] = []
         wait = 0
         never = False
@@ -385,7 +429,8 @@ class RateLimitMiddleware:
                 violated.append(name)
                 wait = max(wait, retry_after_seconds(decision))
                 never = never or decision.never
-        # A flood repeats the same few bodies: build each once (bounded, as rules and waits are few).
+        # A flood repeats the same few bodies: build each once (bounded: a rule with a pk names each key's items
+        # apart, so its bodies are as many as the keys refused, and the cache starts over at 1024).
         body_key = (tuple(violated), wait, never)
         body = self._deny_bodies.get(body_key)
         if body is None:
@@ -394,19 +439,40 @@ class RateLimitMiddleware:
                 if never
                 else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
             )
+            # The draft's quota-exceeded problem: clients act on "violated-policies" (the names the
+            # RateLimit-Policy items carry) and "retry_after" without parsing the detail.
             problem = {
-                "type": "about:blank",
-                "title": "Too Many Requests",
+                "type": QUOTA_EXCEEDED,
+                "title": "Quota Exceeded",
                 "status": 429,
                 "detail": detail,
                 "retry_after": wait,
-                "policies": [json.loads(name) for name in violated],
+                "violated-policies": [item_name(name) for name in violated],
             }
             body = _problem_body(problem)
             if len(self._deny_bodies) >= 1024:
                 self._deny_bodies.clear()
             self._deny_bodies[body_key] = body
         await _respond(scope, receive, send, 429, body, "Too Many Requests", headers)
+
+    async def _on_limited(self, request: HTTPConnection, decisions: Sequence[Decision]) -> ASGIApp | None:
+        """The user's answer to a denied request; None (the default 429) when ``on_limited`` failed.
+
+        ``raise HTTPException(...)`` is how FastAPI and Starlette users answer: it becomes that response
+        (its status, detail and headers, plus the rate-limit headers).  Any other exception is a bug in
+        the callback: logged with its traceback, and the request still gets the default 429, never a 500.
+        """
+        assert self.on_limited is not None
+        try:
+            response = self.on_limited(request, decisions)
+            if inspect.isawaitable(response):
+                response = await response
+        except HTTPException as exc:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        except Exception:
+            logger.exception("asgi_ratelimit: on_limited raised; the default 429 is sent instead")
+            return None
+        return response
 
     async def _unavailable(self, scope: Scope, receive: Receive, send: Send) -> None:
         problem = {
@@ -419,40 +485,78 @@ class RateLimitMiddleware:
         body = _problem_body(problem)
         await _respond(scope, receive, send, 503, body, "Service Unavailable", [(b"retry-after", b"1")])
 
-    # -- routes marked with @rate_limit ------------------------------------------------
 
-    def _load_route_rules(self, scope: Scope) -> None:
-        """Add a Rule for every endpoint marked with ``@rate_limit`` among the app's routes (once)."""
-        self._routes_loaded = True
-        routes = _routes_of(scope.get("app"))
-        if routes is None:
-            # Wrapped around the app instead of added with add_middleware: there is no
-            # scope["app"], so look through the wrapped app (and any middleware around it).
-            app: Any = self.app
-            for _ in range(32):
-                routes = _routes_of(app)
-                if routes is not None or not hasattr(app, "app"):
+class _Guard:
+    """One request's hold on the middleware, for the ``@rate_limit`` endpoint it may reach (see _context.py).
+
+    Its ``send`` adds, at the response start, the headers of every limit applied to the request: the
+    middleware's Rules and the endpoint's, which are decided apart (each set all or nothing).
+    """
+
+    def __init__(self, middleware: RateLimitMiddleware, scope: Scope, receive: Receive, send: Send) -> None:
+        self.middleware = middleware
+        self.scope = scope
+        self.receive = receive
+        self.raw_send = send
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.exempt: bool | None = None  # None: not asked yet
+        self.reached = False  # a @rate_limit endpoint asked this guard
+
+    def add(self, headers: list[tuple[bytes, bytes]]) -> None:
+        """Add headers to the response; the RateLimit fields of several decisions join into one list each."""
+        for name, value in headers:
+            for index, (present, earlier) in enumerate(self.headers):
+                if present == name:
+                    joined = earlier + b", " + value if name in _LIST_FIELDS else value
+                    self.headers[index] = (name, joined)
                     break
-                app = app.app
-        if not routes:
+            else:
+                self.headers.append((name, value))
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start" or kind == "websocket.accept":
+            self._check_bypass()
+            if self.headers:
+                await _with_headers(self.raw_send, self.headers)(message)
+                return
+        await self.raw_send(message)
+
+    async def check(self, rules: tuple[Rule, ...], call: Callable[[], Awaitable[Any]]) -> Any:
+        """Decide ``rules`` and return what ``call()`` returns, or the 429 (or 503) to answer with instead."""
+        self.reached = True
+        if self.exempt:
+            return await call()
+        result: list[Any] = []
+
+        async def endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+            result.append(await call())
+
+        answer: list[Message] = []
+
+        async def capture(message: Message) -> None:
+            answer.append(message)
+
+        websocket = self.scope["type"] == "websocket"
+        await self.middleware._apply(
+            rules, endpoint, self.scope, self.receive, self.send if websocket else capture, self
+        )
+        if result:
+            return result[0]
+        # Refused: the answer is handed back as the endpoint's response, so the app's own middleware sees it.
+        return None if websocket else _Replay(answer)
+
+    def _check_bypass(self) -> None:
+        if self.reached:
             return
-        for path, methods, marks in _marked_routes(routes, ""):
-            for index, mark in enumerate(marks):
-                name = mark["name"] or (path if len(marks) == 1 else f"{path}#{index + 1}")
-                while any(rule.name == name for rule in self.rules):
-                    name += "'"
-                self.rules.append(
-                    Rule(
-                        path,
-                        mark["limits"],
-                        key=mark["key"],
-                        methods=methods,
-                        algorithm=mark["algorithm"],
-                        cost=mark["cost"],
-                        name=name,
-                        fail_open=mark["fail_open"],
-                    )
-                )
+        name = bypassed_endpoint(self.scope.get("endpoint"))
+        if name is not None:
+            logger.error(
+                "asgi_ratelimit: @rate_limit %s is applied above the route decorator, so the route calls the "
+                "bare function and it is NOT limited.  Put @rate_limit directly above the function, below "
+                "@app.get(...) / @router.post(...).",
+                name,
+            )
 
     # -- support tools -------------------------------------------------------------------
 
@@ -474,22 +578,25 @@ class RateLimitMiddleware:
         await self.limiter.reset(rule.identity(key), policies)
 
 
-def _routes_of(app: Any) -> list[Any] | None:
-    routes = getattr(getattr(app, "router", app), "routes", None)
-    return list(routes) if routes is not None else None
+# RateLimit and RateLimit-Policy are lists: the items of several decisions join into one field each.
+_LIST_FIELDS = frozenset({b"ratelimit", b"ratelimit-policy"})
 
 
-def _marked_routes(routes: Iterable[Any], prefix: str) -> Iterable[tuple[str, list[str] | None, list[dict[str, Any]]]]:
-    for route in routes:
-        path = prefix + getattr(route, "path", "")
-        sub_routes = getattr(route, "routes", None)
-        if sub_routes:  # a Mount, or a Router
-            yield from _marked_routes(sub_routes, path)
-            continue
-        marks = getattr(getattr(route, "endpoint", None), ROUTE_MARKER, None)
-        if marks:
-            methods = getattr(route, "methods", None)
-            yield path, (sorted(methods) if methods else None), marks
+class _Replay(Response):
+    """The middleware's answer (a 429 or 503) to an endpoint's request, as the Response the endpoint returns."""
+
+    def __init__(self, messages: list[Message]) -> None:
+        start = messages[0]
+        super().__init__(status_code=int(start["status"]))
+        self.raw_headers = list(start.get("headers") or [])
+        self._messages = messages
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        for message in self._messages:
+            if message["type"] == "http.response.start":
+                # The framework may have added to the headers (cookies of a Response parameter): keep them.
+                message = {**message, "headers": self.raw_headers}
+            await send(message)
 
 
 def _connection(scope: Scope, receive: Receive) -> HTTPConnection:
@@ -501,12 +608,19 @@ def _no_key(request: HTTPConnection) -> str | None:
     return None
 
 
-def _with_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+def _with_headers(send: Send, headers: list[tuple[bytes, bytes]], guard: _Guard | None = None) -> Send:
     """Wrap ``send`` so the response start (or websocket accept) carries ``headers``; the rest passes as is.
+
+    With a guard, its ``send`` already adds what it holds: the headers join those of the endpoint's limits.
 
     The wrapper is a plain function returning ``send``'s own awaitable, not a coroutine: every
     message would otherwise pay for one more coroutine on its way out.
     """
+    if not headers:
+        return send
+    if guard is not None:
+        guard.add(headers)
+        return send
 
     def send_with_headers(message: Message) -> Awaitable[None]:
         kind = message["type"]

@@ -96,6 +96,10 @@ def new_decision(
 _new_tuple = tuple.__new__
 
 
+#: The largest limit of an exact sliding-window log, in the library and the decision service alike.
+SLIDING_WINDOW_MAX_LIMIT = 10_000
+
+
 def _check_count(owner: str, name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigurationError(f"{owner}: {name} must be a whole number, got {value!r}.")
@@ -186,6 +190,13 @@ class SlidingWindow(Policy):
     def __post_init__(self) -> None:
         owner = f"SlidingWindow(limit={self.limit!r}, window={self.window!r})"
         _check_count(owner, "limit", self.limit)
+        if self.limit > SLIDING_WINDOW_MAX_LIMIT:
+            # The log holds one entry per unit (about 140 bytes in Redis), and one hit writes as many entries
+            # as it costs: a limit of 10**9 let one request block Redis for seconds and take 126 MB.
+            raise ConfigurationError(
+                f"{owner}: the exact log keeps one entry per unit, so its limit is at most "
+                f"{SLIDING_WINDOW_MAX_LIMIT:,}; use sliding_window_counter or gcra for larger limits."
+            )
         window_us = _check_seconds(owner, "window", self.window)
         self._finish(self.limit, window_us, self.limit, self.limit, window_us)
 

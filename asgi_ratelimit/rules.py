@@ -6,22 +6,30 @@ strings become policies, and every mistake raises ConfigurationError naming the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import inspect
+import logging
 import re
+import typing
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, TypeVar, Union, cast
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 from starlette.types import Scope
 
+from ._context import current_guard
+from ._partition import partition_key, partition_secret
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
-from .headers import concurrency_item, policy_item, sf_string
+from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
 from .policies import ALGORITHMS, Concurrency, Policy, parse_limit
 
-__all__ = ["CompiledLimits", "Rule", "rate_limit"]
+__all__ = ["ENDPOINT_RULES", "CompiledLimits", "Rule", "bypassed_endpoint", "endpoints_marked", "rate_limit"]
 
 LimitSpec = Union[str, Policy]  # noqa: UP007 - a runtime alias, and Python 3.10 is supported
 Limits = Union[LimitSpec, Sequence[LimitSpec]]  # noqa: UP007
@@ -31,8 +39,11 @@ CostFunc = Callable[[HTTPConnection], int]
 
 # Separates the rule's name from the extracted key in the identity the backend hashes.
 IDENTITY_SEPARATOR = "\x1f"
-# Identities a rule remembers (see Rule.identity): beyond this many keys, it starts over.
+# Identities a rule remembers (see Rule.identity), and keys' header items (see Rule.partitioned): beyond
+# this many keys, it starts over.
 _IDENTITIES_KEPT = 10_000
+# The quota units a rate rule may count in; "concurrent-requests" belongs to Concurrency limits.
+_RATE_UNITS = tuple(unit for unit in QUOTA_UNITS if unit != "concurrent-requests")
 _HTTP_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 
 
@@ -42,7 +53,7 @@ class CompiledLimits:
 
     policies: tuple[Policy, ...]
     policy_items: tuple[str, ...]  # RateLimit-Policy items
-    item_names: tuple[str, ...]  # the same names as RFC 9651 Strings, for RateLimit
+    item_names: tuple[str, ...]  # the same names as RFC 9651 Strings, each with its pk if any, for RateLimit
     concurrency: Concurrency | None = None  # at most this many requests in flight per key
     concurrency_item: str = ""  # its RateLimit-Policy item
     concurrency_name: str = ""  # its name as an RFC 9651 String
@@ -70,6 +81,11 @@ class Rule:
         cost: units each request takes: an int or a callable of the request.
         name: the name used in headers and metrics; derived from the path when absent.
         fail_open: overrides the middleware's ``fail_open`` for this rule when not None.
+        quota_unit: what the cost counts, as RateLimit-Policy's ``qu`` says: ``"requests"`` (the
+            default, not sent) or ``"content-bytes"`` (a cost callable that returns the request's size).
+        partition_key: add ``pk``, an opaque keyed hash of the client's key, to the rule's header
+            items: ``True`` with a random secret of this process, or a secret (at least 16 bytes)
+            shared by every process that counts together.  Default False.
     """
 
     def __init__(
@@ -83,6 +99,8 @@ class Rule:
         cost: int | CostFunc = 1,
         name: str | None = None,
         fail_open: bool | None = None,
+        quota_unit: str = "requests",
+        partition_key: bool | bytes | str = False,
     ) -> None:
         self.path = path
         self.exact_path: str | None = None
@@ -90,6 +108,11 @@ class Rule:
             self.regex = path
             derived = path.pattern
         elif isinstance(path, str) and path.startswith("/"):
+            if "*" in path:
+                raise ConfigurationError(
+                    f"Rule {path!r}: a path is a Starlette template, not a glob ('*' is taken literally); "
+                    f"write {path.split('*', 1)[0].rstrip('/') + '/{path:path}'!r} for every path below it."
+                )
             try:
                 self.regex = compile_path(path)[0]
                 # A template without parameters matches one path only: a string comparison is enough.
@@ -104,6 +127,13 @@ class Rule:
         self.name = derived if name is None else name
         if not isinstance(self.name, str) or not self.name:
             raise ConfigurationError(f"Rule {derived!r}: name must be a non-empty string, got {name!r}.")
+        if not all(" " <= ch <= "~" for ch in self.name):
+            # Names travel in the RateLimit headers, which carry printable ASCII only: two names that differ
+            # only outside it would become the same header item.
+            raise ConfigurationError(
+                f"Rule {derived!r}: name {self.name!r} must be printable ASCII (it is sent in the RateLimit "
+                "headers); give name= in ASCII."
+            )
         label = f"Rule {self.name!r}"
         if algorithm not in ALGORITHMS:
             raise ConfigurationError(
@@ -133,6 +163,16 @@ class Rule:
         if fail_open is not None and not isinstance(fail_open, bool):
             raise ConfigurationError(f"{label}: fail_open must be True, False or None, got {fail_open!r}.")
         self.fail_open = fail_open
+        if quota_unit not in _RATE_UNITS:
+            raise ConfigurationError(
+                f"{label}: quota_unit must be one of {', '.join(map(repr, _RATE_UNITS))}, got {quota_unit!r}"
+                + (" (a Concurrency limit says it by itself)." if quota_unit == "concurrent-requests" else ".")
+            )
+        self.quota_unit = quota_unit
+        #: The HMAC secret of the rule's pk values; None when its headers carry no pk.
+        self.partition_secret = partition_secret(label, partition_key)
+        #: key -> (its limits, the same with the key's pk in every item), for the keys seen lately.
+        self._partitioned: dict[str, tuple[CompiledLimits, CompiledLimits]] = {}
         self.dynamic: DynamicLimits | None = None
         self.static: CompiledLimits | None = None
         self._dynamic_cache: dict[Any, CompiledLimits] = {}
@@ -142,10 +182,16 @@ class Rule:
             self.static = self.compile_limits(limits)
         #: key -> identity, for the keys seen lately (see identity()).
         self.identities: dict[str, str] = {}
-        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request.
+        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request,
+        #: and its header items are the same for every key (no pk).
         self.from_scope: tuple[Callable[[Scope], str | None], CompiledLimits, int] | None = None
         scope_key = scope_reader(self.key)  # a built-in extractor reads the scope alone
-        if scope_key is not None and self.static is not None and isinstance(self.cost, int):
+        if (
+            scope_key is not None
+            and self.static is not None
+            and isinstance(self.cost, int)
+            and self.partition_secret is None
+        ):
             self.from_scope = (scope_key, self.static, self.cost)
 
     def __repr__(self) -> str:
@@ -164,6 +210,31 @@ class Rule:
             identity = self.identities[key] = self.name + IDENTITY_SEPARATOR + key
         return identity
 
+    def partitioned(self, limits: CompiledLimits, identity: str) -> CompiledLimits:
+        """``limits`` with the pk of ``identity`` in every header item (remembered per key, as identity() is)."""
+        secret = self.partition_secret
+        if secret is None:
+            return limits
+        cached = self._partitioned.get(identity)
+        if cached is not None and cached[0] is limits:
+            return cached[1]
+        pk = ";pk=" + partition_key(secret, identity)
+        items = tuple(item + pk for item in limits.policy_items)
+        names = tuple(name + pk for name in limits.item_names)
+        keyed = dataclasses.replace(
+            limits,
+            policy_items=items,
+            item_names=names,
+            concurrency_item=limits.concurrency_item and limits.concurrency_item + pk,
+            concurrency_name=limits.concurrency_name + pk,
+            policy_header=", ".join(items).encode("ascii"),
+            state_format=None if limits.state_format is None else state_format_of(names[0]),
+        )
+        if len(self._partitioned) >= _IDENTITIES_KEPT:
+            self._partitioned.clear()
+        self._partitioned[identity] = (limits, keyed)
+        return keyed
+
     def matches(self, method: str, path: str) -> bool:
         """Whether this rule applies to a request of ``method`` on ``path``."""
         if self.methods is not None and method not in self.methods:
@@ -171,6 +242,10 @@ class Rule:
         if self.exact_path is not None:
             # As the regex's "$" does (and so Starlette's router): a final newline still matches.
             return path == self.exact_path or (path[-1:] == "\n" and path[:-1] == self.exact_path)
+        return self.regex.match(path) is not None
+
+    def matches_any_method(self, path: str) -> bool:
+        """Whether this rule's path matches ``path``, whatever the method."""
         return self.regex.match(path) is not None
 
     def limits_for(self, request: HTTPConnection) -> CompiledLimits:
@@ -215,14 +290,13 @@ class Rule:
             raise ConfigurationError(f"{label}: the same limit appears twice in {limits!r}.")
         names = _item_names(self.name, policies)
         concurrency_name = f"{self.name}:concurrency" if policies else self.name
-        items = tuple(policy_item(n, p.quota, p.window_seconds) for n, p in zip(names, policies, strict=True))
+        unit = self.quota_unit
+        items = tuple(policy_item(n, p.quota, p.window_seconds, unit) for n, p in zip(names, policies, strict=True))
         return CompiledLimits(
             policies=tuple(policies),
             policy_items=items,
             policy_header=", ".join(items).encode("ascii"),
-            state_format=(
-                (sf_string(names[0]).replace("%", "%%") + ";r=%d;t=%d").encode("ascii") if len(policies) == 1 else None
-            ),
+            state_format=state_format_of(sf_string(names[0])) if len(policies) == 1 else None,
             item_names=tuple(sf_string(n) for n in names),
             concurrency=concurrency,
             concurrency_item="" if concurrency is None else concurrency_item(concurrency_name, concurrency.limit),
@@ -257,7 +331,34 @@ def _is_async(func: Callable[..., Any]) -> bool:
     return inspect.iscoroutinefunction(func) or (call is not None and inspect.iscoroutinefunction(call))
 
 
-ROUTE_MARKER = "__asgi_ratelimit_rules__"
+#: On an endpoint wrapped by @rate_limit: its Rules, in the order they were applied.
+ENDPOINT_RULES = "__asgi_ratelimit_rules__"
+# On the function a wrapper wraps: that wrapper.  A route that holds the function itself (the decorator was
+# applied above the route decorator) is not limited, and the middleware says so when the route is called.
+_BYPASSED = "__asgi_ratelimit_bypassed_by__"
+# On a wrapper: its marks, and itself (a copy of these by another decorator's functools.wraps is not a wrapper).
+_MARKS = "__asgi_ratelimit_marks__"
+_WRAPPER = "__asgi_ratelimit_wrapper__"
+
+_logger = logging.getLogger("asgi_ratelimit")
+_unguarded_logged: set[str] = set()  # endpoints already reported as reached without the middleware
+
+EndpointT = TypeVar("EndpointT", bound=Callable[..., Any])
+_marked = 0  # endpoints wrapped by @rate_limit in this process
+
+
+def endpoints_marked() -> bool:
+    """Whether any endpoint has been marked with @rate_limit: until then, requests need no guard."""
+    return _marked > 0
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """One @rate_limit's arguments: its limits, its name, and the rest of the Rule's keyword arguments."""
+
+    limits: Limits | DynamicLimits
+    name: str | None
+    options: dict[str, Any]
 
 
 def rate_limit(
@@ -268,21 +369,112 @@ def rate_limit(
     cost: int | CostFunc = 1,
     name: str | None = None,
     fail_open: bool | None = None,
-) -> Callable[[Any], Any]:
-    """Mark a Starlette or FastAPI endpoint with a limit; RateLimitMiddleware finds it among the app's routes.
+    quota_unit: str = "requests",
+    partition_key: bool | bytes | str = False,
+) -> Callable[[EndpointT], EndpointT]:
+    """Limit a Starlette or FastAPI endpoint; RateLimitMiddleware decides when the endpoint is called.
 
-    The limits are validated here, when the module defining the endpoint is imported.
+    Put it directly above the function, below the route decorator.  The arguments are Rule's; the
+    limits are validated here, when the module defining the endpoint is imported.  The rule is named
+    ``name``, or after the endpoint (``module.function``).
     """
-    # Validate now, so a bad limit fails at import time; the middleware builds the real Rule
-    # with the route's path and methods.
-    Rule("/", limits, key=key, algorithm=algorithm, cost=cost, name=name or "route", fail_open=fail_open)
+    options: dict[str, Any] = {
+        "key": key,
+        "algorithm": algorithm,
+        "cost": cost,
+        "fail_open": fail_open,
+        "quota_unit": quota_unit,
+        "partition_key": partition_key,
+    }
+    Rule("/", limits, name=name or "route", **options)  # validate now, so a bad limit fails at import time
+    mark = _Mark(limits, name, options)
 
-    def mark(endpoint: Any) -> Any:
-        marks = list(getattr(endpoint, ROUTE_MARKER, ()))
-        marks.append(
-            {"limits": limits, "key": key, "algorithm": algorithm, "cost": cost, "name": name, "fail_open": fail_open}
-        )
-        setattr(endpoint, ROUTE_MARKER, marks)
-        return endpoint
+    def decorate(endpoint: EndpointT) -> EndpointT:
+        if inspect.isclass(endpoint) or not callable(endpoint):
+            raise ConfigurationError(
+                f"@rate_limit decorates endpoint functions, got {endpoint!r}; on a class-based endpoint, "
+                "decorate its get/post/... methods."
+            )
+        # Stacked decorators make one wrapper whose rules are all decided in one call: all or nothing.
+        marks: tuple[_Mark, ...] = (mark,)
+        inner: Callable[..., Any] = endpoint
+        if getattr(endpoint, _WRAPPER, None) is endpoint:
+            marks = (*getattr(endpoint, _MARKS), mark)
+            inner = getattr(endpoint, "__wrapped__")  # noqa: B009 - set by functools.wraps, unknown to the type
+        return cast(EndpointT, _limited(inner, marks))
 
-    return mark
+    return decorate
+
+
+def _limited(endpoint: Callable[..., Any], marks: tuple[_Mark, ...]) -> Callable[..., Any]:
+    """``endpoint`` behind a wrapper that asks the request's middleware to decide ``marks`` first."""
+    base = f"{getattr(endpoint, '__module__', '?')}.{getattr(endpoint, '__qualname__', repr(endpoint))}"
+    unnamed = sum(1 for mark in marks if mark.name is None)
+    rules: list[Rule] = []
+    for index, mark in enumerate(marks):
+        name = mark.name or (base if unnamed == 1 else f"{base}#{index + 1}")
+        if any(rule.name == name for rule in rules):
+            raise ConfigurationError(f"@rate_limit on {base}: two limits are named {name!r}; give each its own name=.")
+        rules.append(Rule("/", mark.limits, name=name, **mark.options))
+    applied = tuple(rules)
+    is_async = _is_async(endpoint)
+
+    @functools.wraps(endpoint)
+    async def limited(*args: Any, **kwargs: Any) -> Any:
+        async def call() -> Any:
+            if is_async:
+                return await endpoint(*args, **kwargs)
+            return await run_in_threadpool(endpoint, *args, **kwargs)
+
+        guard = current_guard.get()
+        if guard is None:
+            if base not in _unguarded_logged:
+                _unguarded_logged.add(base)
+                _logger.error(
+                    "asgi_ratelimit: %s is marked with @rate_limit but was called outside RateLimitMiddleware: "
+                    "it is NOT limited.  Add the middleware to the app that serves it.",
+                    base,
+                )
+            return await call()
+        # When the middleware refuses, the answer is a Response: Starlette sends it, FastAPI passes it on.
+        return await guard.check(applied, call)
+
+    global _marked
+    _marked += 1
+    limited.__signature__ = _resolved_signature(endpoint)  # type: ignore[attr-defined]
+    setattr(limited, ENDPOINT_RULES, applied)
+    setattr(limited, _MARKS, marks)
+    setattr(limited, _WRAPPER, limited)
+    with contextlib.suppress(AttributeError, TypeError):  # a builtin or a bound method takes no attributes
+        setattr(endpoint, _BYPASSED, limited)
+    return limited
+
+
+def _resolved_signature(endpoint: Callable[..., Any]) -> inspect.Signature:
+    """The endpoint's signature with its annotations evaluated in the endpoint's own module.
+
+    Frameworks read the wrapper's signature to resolve parameters; some evaluate string annotations
+    (``from __future__ import annotations``) in the namespace of the function they are given, which
+    for the wrapper is this module.  Evaluated here, the annotations no longer depend on it.
+    """
+    signature = inspect.signature(endpoint)
+    try:
+        hints = typing.get_type_hints(endpoint, include_extras=True)
+    except Exception:  # a name only imported for type checkers: leave the annotations as written
+        return signature
+    parameters = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()]
+    return signature.replace(parameters=parameters, return_annotation=hints.get("return", signature.return_annotation))
+
+
+def bypassed_endpoint(endpoint: object) -> str | None:
+    """The name of a @rate_limit that ``endpoint`` bypasses (the route holds the bare function), once; else None.
+
+    Reported once per function: the middleware logs it at ERROR the first time the route is called.
+    """
+    wrapper = getattr(endpoint, _BYPASSED, None)
+    if wrapper is None or wrapper is endpoint:
+        return None
+    with contextlib.suppress(AttributeError, TypeError):
+        delattr(endpoint, _BYPASSED)
+    rules: tuple[Rule, ...] = getattr(wrapper, ENDPOINT_RULES, ())
+    return ", ".join(rule.name for rule in rules) or None

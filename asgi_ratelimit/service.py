@@ -809,7 +809,7 @@ def openapi_document(*, bearer: bool = False, protect_metrics: bool = False) -> 
             "required": True,
         },
         "RateLimit": {
-            "description": 'The key\'s state, e.g. "token_bucket";r=9;t=1; on a denial t is the Retry-After value.',
+            "description": 'The key\'s state, e.g. "token_bucket";r=9;t=9; on a denial t is the Retry-After value.',
             "schema": {"type": "string"},
             "required": True,
         },

@@ -22,7 +22,7 @@ import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
 
-from asgi_ratelimit import MemoryBackend, RedisBackend
+from asgi_ratelimit import Backend, MemoryBackend, RedisBackend
 
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 REQUIRE_REDIS = os.environ.get("REQUIRE_REDIS") == "1"
@@ -235,3 +235,12 @@ def parse_sf_list(value: str | bytes) -> list[tuple[str, dict[str, int]]]:
         assert all(type(v) is int for v in params.values()), params
         items.append((member.value, params))
     return items
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+def make_backend(request: pytest.FixtureRequest, key_prefix: str) -> Callable[[], Backend]:
+    """Builds the backend for one server (called in the test, used on the server's loop)."""
+    if request.param == "memory":
+        return lambda: MemoryBackend(prefix=key_prefix)
+    url = request.getfixturevalue("redis_url")
+    return lambda: RedisBackend(Redis.from_url(url), prefix=key_prefix)

@@ -226,11 +226,11 @@ def check_two_rules(responses: list[httpx.Response]) -> None:
     assert [r.status_code for r in responses] == [200, 200, 200, 429, 200, 429]
     assert policies_of(responses[0]) == {"ip": {"q": 5, "w": 60}, "key": {"q": 3, "w": 60}}
     assert [state_of(r)["key"]["r"] for r in responses[:4]] == [2, 1, 0, 0]
-    assert assert_problem_429(responses[3])["policies"] == ["key"]
+    assert assert_problem_429(responses[3])["violated-policies"] == ["key"]
     # The two rules live in different slots and are decided separately: the per-IP allowance paid for
     # the request that the per-key rule refused (one Redis would have taken nothing from either).
     assert [state_of(r)["ip"]["r"] for r in responses] == [4, 3, 2, 1, 0, 0]
-    assert assert_problem_429(responses[5])["policies"] == ["ip"]
+    assert assert_problem_429(responses[5])["violated-policies"] == ["ip"]
 
 
 async def test_middleware_over_asgi_transport(cluster: RedisCluster, key_prefix: str) -> None:

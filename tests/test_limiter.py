@@ -306,7 +306,11 @@ class TestErrorKinds:
             (ConnectionResetError(), "connection"),
             (redis_errors.BusyLoadingError("loading"), "connection"),
             (redis_errors.NoScriptError("NOSCRIPT"), "script"),
-            (redis_errors.ResponseError("OOM command not allowed"), "script"),
+            (redis_errors.ResponseError("OOM command not allowed"), "server"),
+            (redis_errors.ReadOnlyError("You can't write against a read only replica."), "server"),
+            (redis_errors.ResponseError("MISCONF Redis is configured to save RDB snapshots"), "server"),
+            (redis_errors.ResponseError("CLUSTERDOWN The cluster is down"), "server"),
+            (redis_errors.ResponseError("ERR user_script:12: attempt to compare nil with number"), "script"),
             (redis_errors.ResponseError("CROSSSLOT Keys"), "script"),
             (KeyError("x"), "other"),
         ],
@@ -328,9 +332,9 @@ class TestErrorKinds:
         await fail(limiter, 1)
         errors = {
             kind: sample(registry, "asgi_ratelimit_backend_errors_total", kind=kind)
-            for kind in ("timeout", "connection", "script", "breaker_open", "other")
+            for kind in ("timeout", "connection", "server", "script", "breaker_open", "other")
         }
-        assert errors == {"timeout": 1, "connection": 1, "script": 0, "breaker_open": 0, "other": 0}
+        assert errors == {"timeout": 1, "connection": 1, "server": 0, "script": 0, "breaker_open": 0, "other": 0}
 
 
 class TestLogging:

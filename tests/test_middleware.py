@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -102,8 +103,8 @@ def assert_problem_429(response: httpx.Response) -> dict[str, Any]:
     assert response.headers["cache-control"] == "no-store"
     assert response.headers["content-type"] == "application/problem+json"
     body: dict[str, Any] = response.json()
-    assert body["type"] == "about:blank"
-    assert body["title"] == "Too Many Requests"
+    assert body["type"] == "https://iana.org/assignments/http-problem-types#quota-exceeded"
+    assert body["title"] == "Quota Exceeded"
     assert body["status"] == 429
     assert isinstance(body["detail"], str) and body["detail"]
     assert body["retry_after"] == int(response.headers["retry-after"])
@@ -173,7 +174,7 @@ def build_app(kind: str, **middleware: Any) -> Starlette:
         async def other(request: Request) -> PlainTextResponse:
             return PlainTextResponse("other")
 
-        rate_limit("2/minute", key=by_user)(marked)
+        marked = rate_limit("2/minute", key=by_user, name="marked")(marked)
         return Starlette(
             routes=[
                 Route("/users/{id}", user, methods=["GET", "POST"]),
@@ -190,7 +191,7 @@ def build_app(kind: str, **middleware: Any) -> Starlette:
         return {"id": id, "method": request.method}
 
     @api.get("/marked/{id}")
-    @rate_limit("2/minute", key=by_user)
+    @rate_limit("2/minute", key=by_user, name="marked")
     async def fastapi_marked(id: str) -> PlainTextResponse:
         return PlainTextResponse("marked")
 
@@ -236,7 +237,7 @@ class TestDecisions:
             assert (await client.get("/users/1", headers={"x-user": "ann"})).status_code == 200
             denied = await client.get("/users/1", headers={"x-user": "ann"})
         body = assert_problem_429(denied)
-        assert body["policies"] == ["users"]
+        assert body["violated-policies"] == ["users"]
         assert policies_of(denied) == {"users": {"q": 1, "w": 60}}
         state = state_of(denied)
         assert state["users"]["r"] == 0
@@ -325,7 +326,7 @@ class TestSeveralLimits:
             other = await client.get("/other")
         assert [r.status_code for r in responses] == [200, 200, 200, 429]
         assert set(policies_of(responses[0])) == {"per-user", "global"}
-        assert assert_problem_429(responses[3])["policies"] == ["per-user"]
+        assert assert_problem_429(responses[3])["violated-policies"] == ["per-user"]
         # The denied request took nothing from the rule that allowed it: all of a hit, or none.
         assert state_of(responses[3])["global"]["r"] == 97
         assert state_of(other)["global"]["r"] == 96
@@ -343,11 +344,11 @@ class TestSeveralLimits:
             fourth = await client.get("/users/1", headers={"x-user": "ann"})
         assert [r.status_code for r in ok] == [200, 200]
         assert policies_of(ok[0]) == {"users:10s": {"q": 2, "w": 10}, "users:60s": {"q": 3, "w": 60}}
-        assert assert_problem_429(burst)["policies"] == ["users:10s"]
+        assert assert_problem_429(burst)["violated-policies"] == ["users:10s"]
         assert int(burst.headers["retry-after"]) == 10
         assert state_of(burst)["users:10s"] == {"r": 0, "t": 10}
         assert third.status_code == 200
-        assert assert_problem_429(fourth)["policies"] == ["users:60s"]
+        assert assert_problem_429(fourth)["violated-policies"] == ["users:60s"]
         retry_after = int(fourth.headers["retry-after"])
         assert retry_after == state_of(fourth)["users:60s"]["t"] == 40
 
@@ -363,7 +364,7 @@ class TestSeveralLimits:
             await client.get("/users/1", headers={"x-user": "ann"})
             clock.advance(0.5)
             denied = await client.get("/users/1", headers={"x-user": "ann"})
-        assert sorted(assert_problem_429(denied)["policies"]) == ["long", "short"]
+        assert sorted(assert_problem_429(denied)["violated-policies"]) == ["long", "short"]
         state = state_of(denied)
         assert state["short"]["t"] == 10  # 9.5 s, rounded up
         assert state["long"]["t"] == 60  # 59.5 s, rounded up
@@ -423,14 +424,14 @@ class TestSeveralLimits:
 
 
 class TestRateLimitDecorator:
-    async def test_marked_endpoint_is_limited_by_its_route_template(self, app_kind: str, mw_backend: Backend) -> None:
+    async def test_marked_endpoint_is_limited_across_its_paths(self, app_kind: str, mw_backend: Backend) -> None:
         app = build_app(app_kind, backend=mw_backend)
         async with client_for(app) as client:
             responses = [await client.get(f"/marked/{i}", headers={"x-user": "ann"}) for i in range(3)]
             bob = await client.get("/marked/9", headers={"x-user": "bob"})
             unmarked = await client.get("/other", headers={"x-user": "ann"})
         assert [r.status_code for r in responses] == [200, 200, 429]
-        assert policies_of(responses[0]) == {"/marked/{id}": {"q": 2, "w": 60}}
+        assert policies_of(responses[0]) == {"marked": {"q": 2, "w": 60}}
         assert_problem_429(responses[2])
         assert bob.status_code == 200
         assert "ratelimit" not in unmarked.headers
@@ -487,7 +488,7 @@ class TestRateLimitDecorator:
         )
         async with client_for(app) as client:
             response = await client.get("/marked/1", headers={"x-user": "ann"})
-        assert set(policies_of(response)) == {"all", "/marked/{id}"}
+        assert set(policies_of(response)) == {"all", "marked"}
 
     def test_a_bad_limit_fails_when_the_endpoint_is_decorated(self) -> None:
         with pytest.raises(ConfigurationError, match="'5/fortnight'"):
@@ -608,6 +609,40 @@ class TestOptions:
         assert denied.json() == {"error": "limited"}
         # The hook's own Retry-After wins; it is not sent twice.
         assert denied.headers.get_list("retry-after") == ["120"]
+
+    async def test_on_limited_that_raises_httpexception_answers_with_it(
+        self, app_kind: str, mw_backend: Backend
+    ) -> None:
+        from fastapi import HTTPException
+
+        def on_limited(request: HTTPConnection, decisions: Sequence[Decision]) -> Response:
+            raise HTTPException(status_code=429, detail="Slow down", headers={"x-reason": "quota"})
+
+        rules = [Rule("/users/{id}", "1/minute", key=by_user, name="users")]
+        app = build_app(app_kind, rules=rules, backend=mw_backend, on_limited=on_limited)
+        async with client_for(app) as client:
+            await client.get("/users/1", headers={"x-user": "a"})
+            denied = await client.get("/users/1", headers={"x-user": "a"})
+        assert denied.status_code == 429
+        assert denied.json() == {"detail": "Slow down"}
+        assert denied.headers["x-reason"] == "quota"
+        assert int(denied.headers["retry-after"]) >= 1 and "users" in policies_of(denied)
+
+    async def test_on_limited_that_fails_is_logged_and_the_default_429_is_sent(
+        self, mw_backend: Backend, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        def on_limited(request: HTTPConnection, decisions: Sequence[Decision]) -> Response:
+            raise KeyError("a bug in the callback")
+
+        rules = [Rule("/users/{id}", "1/minute", key=by_user)]
+        app = build_app("starlette", rules=rules, backend=mw_backend, on_limited=on_limited)
+        with caplog.at_level(logging.ERROR, logger="asgi_ratelimit"):
+            async with client_for(app) as client:
+                await client.get("/users/1", headers={"x-user": "a"})
+                denied = await client.get("/users/1", headers={"x-user": "a"})
+        assert_problem_429(denied)
+        (record,) = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert "on_limited raised" in record.getMessage() and record.exc_info is not None
 
     async def test_backend_failure_fails_open_by_default(self) -> None:
         app = build_app("starlette", rules=[Rule("/users/{id}", "1/minute", key=by_user)], backend=BrokenBackend())

@@ -261,3 +261,14 @@ def test_digest_is_stable_and_distinguishes_identities() -> None:
 def test_an_int_too_large_for_a_float_is_a_configuration_error(build: Any) -> None:
     with pytest.raises(ConfigurationError):
         build()
+
+
+def test_the_exact_log_is_bounded_in_the_library_as_in_the_service() -> None:
+    from asgi_ratelimit.policies import SLIDING_WINDOW_MAX_LIMIT
+
+    assert SlidingWindow(SLIDING_WINDOW_MAX_LIMIT, 60).limit == SLIDING_WINDOW_MAX_LIMIT
+    with pytest.raises(ConfigurationError, match="sliding_window_counter"):
+        SlidingWindow(1_000_000_000, 60)
+    with pytest.raises(ConfigurationError, match="10,000"):
+        parse_limit("20000/hour")
+    assert parse_limit("20000/hour", "sliding_window_counter").quota == 20000

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -12,7 +13,7 @@ from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 
 from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, SlidingWindow, TokenBucket, rate_limit
-from asgi_ratelimit.rules import _IDENTITIES_KEPT, IDENTITY_SEPARATOR, ROUTE_MARKER, Rule
+from asgi_ratelimit.rules import _IDENTITIES_KEPT, ENDPOINT_RULES, IDENTITY_SEPARATOR, Rule
 
 
 def key(request: HTTPConnection) -> str | None:
@@ -171,21 +172,47 @@ def test_bad_paths(path: Any) -> None:
 
 
 class TestRateLimitMarker:
-    def test_marks_the_endpoint_and_returns_it(self) -> None:
-        async def endpoint(request: Any) -> None: ...
+    def test_wraps_the_endpoint_keeping_its_signature_and_kind(self) -> None:
+        async def endpoint(request: Any, item_id: int = 3) -> None: ...
 
         marked = rate_limit("5/minute", key=key, cost=2, name="login")(endpoint)
-        assert marked is endpoint
-        marks = getattr(endpoint, ROUTE_MARKER)
-        assert len(marks) == 1
-        assert marks[0]["limits"] == "5/minute" and marks[0]["cost"] == 2 and marks[0]["name"] == "login"
+        assert marked is not endpoint and marked.__wrapped__ is endpoint  # type: ignore[attr-defined]
+        # The same parameters, their annotations evaluated in the endpoint's module (for frameworks that read them).
+        wrapped = inspect.signature(marked).parameters
+        assert list(wrapped.values()) == list(inspect.signature(endpoint, eval_str=True).parameters.values())
+        assert inspect.iscoroutinefunction(marked)
+        (rule,) = getattr(marked, ENDPOINT_RULES)
+        assert rule.name == "login" and rule.cost == 2 and rule.static.policies[0].quota == 5
 
-    def test_marks_stack(self) -> None:
+    def test_stacked_marks_make_one_wrapper_decided_together(self) -> None:
         @rate_limit("5/minute", key=key)
         @rate_limit("100/day", key=key)
         async def endpoint(request: Any) -> None: ...
 
-        assert [mark["limits"] for mark in getattr(endpoint, ROUTE_MARKER)] == ["100/day", "5/minute"]
+        rules = getattr(endpoint, ENDPOINT_RULES)
+        assert [rule.static.policies[0].quota for rule in rules] == [100, 5]
+        base = f"{__name__}.{endpoint.__qualname__}"
+        assert [rule.name for rule in rules] == [f"{base}#1", f"{base}#2"]
+        assert not hasattr(endpoint.__wrapped__, ENDPOINT_RULES)  # type: ignore[attr-defined]
+
+    def test_the_default_name_is_the_endpoints_module_and_name(self) -> None:
+        def report(request: Any) -> None: ...
+
+        (rule,) = getattr(rate_limit("5/minute")(report), ENDPOINT_RULES)
+        assert rule.name == f"{__name__}.{report.__qualname__}"
+
+    def test_two_limits_of_one_endpoint_cannot_share_a_name(self) -> None:
+        async def endpoint(request: Any) -> None: ...
+
+        with pytest.raises(ConfigurationError, match="'same'"):
+            rate_limit("5/minute", name="same")(rate_limit("9/hour", name="same")(endpoint))
+
+    def test_a_class_is_refused(self) -> None:
+        class Endpoint:
+            pass
+
+        with pytest.raises(ConfigurationError, match="methods"):
+            rate_limit("5/minute")(Endpoint)
 
     @pytest.mark.parametrize(
         ("args", "kwargs", "fragment"),
@@ -211,7 +238,7 @@ _PATH_CHARS = st.sampled_from(["/", "a", "b", ".", "\n", "%", "-", "é"])
 def test_a_template_without_parameters_matches_exactly_what_starlettes_regex_matches(template: str, path: str) -> None:
     """Such a rule compares strings instead of running the regex: it must match the same paths, or a
     request Starlette routes to the endpoint (e.g. "/login" followed by a newline, %0A) escapes the rule."""
-    rule = Rule(template, "1/second")
+    rule = Rule(template, "1/second", name="template")
     assert rule.exact_path == template
     assert rule.matches("GET", path) == (compile_path(template)[0].match(path) is not None)
     assert rule.matches("GET", template + "\n")
@@ -233,3 +260,15 @@ def test_a_rule_remembers_a_bounded_number_of_identities() -> None:
         assert rule.identity(f"k{number}") == f"r{IDENTITY_SEPARATOR}k{number}"
         assert len(rule.identities) <= _IDENTITIES_KEPT
     assert len(rule.identities) > 0
+
+
+@pytest.mark.parametrize("name", ["café", "ログイン", "tab\there", "nul\x00"])
+def test_a_name_outside_printable_ascii_is_refused(name: str) -> None:
+    with pytest.raises(ConfigurationError, match="printable ASCII"):
+        Rule("/login", "5/minute", name=name)
+
+
+def test_a_path_outside_ascii_needs_an_ascii_name() -> None:
+    with pytest.raises(ConfigurationError, match="name="):
+        Rule("/café", "5/minute")
+    assert Rule("/café", "5/minute", name="cafe").name == "cafe"

@@ -268,7 +268,11 @@ async def test_good_input_decides_with_headers(store: Store, body: dict[str, Any
     assert policy["w"] >= 1
     ((state_name, state),) = parse_sf_list(response.headers["ratelimit"])
     assert state_name == name
-    assert state == {"r": limit - 1, "t": math.ceil(decision["reset_after"])}
+    # t, the effective window: until the allowance is full, and never faster than the policy's q per w.
+    assert state == {
+        "r": limit - 1,
+        "t": max(math.ceil(decision["reset_after"]), -(-(limit - 1) * policy["w"] // limit)),
+    }
     # Retry-After never goes on a 2xx, not even on a denial.
     assert "retry-after" not in response.headers
     assert await store.keys() >= 1

@@ -143,7 +143,7 @@ class RedisBackend:
         sentinel_kwargs = dict(sentinel_kwargs or {})
         sentinel_kwargs.setdefault("socket_timeout", DEFAULT_SOCKET_TIMEOUT)
         sentinel_kwargs.setdefault("socket_connect_timeout", DEFAULT_SOCKET_TIMEOUT)
-        sentinel = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(list(sentinels), sentinel_kwargs=sentinel_kwargs, **kwargs)  # type: ignore[no-untyped-call,unused-ignore]
         backend = cls(sentinel.master_for(service_name), prefix=prefix, clock=clock, coalesce=coalesce)
         backend._sentinels = list(sentinel.sentinels)  # their connections are ours to close
         return backend

@@ -29,7 +29,7 @@ from .backends.base import Backend, Hit, Slot
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .metrics import ErrorKind, LimiterMetrics, Result, metrics_for
-from .policies import Concurrency, Decision
+from .policies import Concurrency, Decision, Policy
 
 __all__ = ["BUG_KINDS", "Limiter", "error_kind"]
 
@@ -236,6 +236,12 @@ class Limiter:
     async def release(self, key: str, token: str) -> None:
         """Give a concurrency slot back; a failure only means the slot expires on its own later."""
         await self._guarded(self.backend.release, key, token)
+
+    async def reset(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget ``key``'s state under ``policies`` in the backend and in this process's deny cache."""
+        await self._guarded(self.backend.reset, key, policies)
+        if self.deny_cache is not None:
+            self.deny_cache.forget(key)
 
     @property
     def in_process(self) -> bool:

@@ -44,6 +44,10 @@ class Backend(Protocol):
         """Give back the slot ``token`` of ``key`` (a slot never released expires after ``limit.timeout``)."""
         ...
 
+    async def reset(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget ``key``'s state under each of ``policies``: its next hit finds a full allowance."""
+        ...
+
     async def ping(self) -> None:
         """Raise BackendError unless the storage answers."""
         ...

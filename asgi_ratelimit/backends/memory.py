@@ -133,6 +133,12 @@ class MemoryBackend:
         if slots is not None:
             slots[1].pop(token, None)
 
+    async def reset(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget ``key``'s state under each of ``policies``: its next hit finds a full allowance."""
+        hashed = digest(key)
+        for policy in policies:
+            self._store.pop(state_key(self.prefix, hashed, policy), None)
+
     async def ping(self) -> None:
         """Always answers: the state lives in this process."""
 

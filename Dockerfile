@@ -19,7 +19,7 @@ WORKDIR /src
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY pyproject.toml README.md ./
 COPY asgi_ratelimit ./asgi_ratelimit
-RUN pip wheel --wheel-dir /wheels ".[hiredis,jwt]" "uvicorn>=0.30"
+RUN pip wheel --wheel-dir /wheels ".[hiredis,jwt,server]"
 
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1

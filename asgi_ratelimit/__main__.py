@@ -171,7 +171,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             ENV,
         )
 
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        # One line, no traceback: the fix is an install, named here.
+        parser.exit(2, 'asgi-ratelimit: error: serve needs uvicorn: pip install "asgi-ratelimit-middleware[server]"\n')
 
     # Each worker (or this process, with one) builds the app from the environment: uvicorn needs an
     # import string to start workers, and the settings travel to them this way.

@@ -434,3 +434,16 @@ def test_the_workers_build_what_the_command_was_given(monkeypatch: pytest.Monkey
     assert "ASGI_RATELIMIT_TOKEN" not in os.environ  # the file's path travels, not the token
     settings = ServiceSettings.from_env(os.environ)
     assert settings == ServiceSettings("redis://127.0.0.1:1/0", "p:", 0.2, TOKEN, str(token_file.resolve()), True)
+
+
+def test_serve_without_uvicorn_names_the_extra_in_one_line() -> None:
+    """A plain `pip install` has no uvicorn: the command says which extra brings it, with no traceback."""
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['uvicorn'] = None; from asgi_ratelimit.__main__ import main; main(['serve'])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        'asgi-ratelimit: error: serve needs uvicorn: pip install "asgi-ratelimit-middleware[server]"'
+    ]

@@ -8,9 +8,9 @@ from __future__ import annotations
 import glob
 import os
 import re
-import tomllib
 
 import nox
+import tomllib
 
 nox.options.sessions = ["tests", "tests_lowest", "lint", "typecheck"]
 nox.options.reuse_existing_virtualenvs = True

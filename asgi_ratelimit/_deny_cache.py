@@ -74,6 +74,12 @@ class DenyCache:
         # A "never" denial (cost above capacity) stays until evicted: it can never pass.
         entries[signature] = (math.inf if math.isinf(wait) else sent_at + wait, sent_at, decisions)
 
+    def forget(self, identity: str) -> None:
+        """Drop every remembered denial of a hit on ``identity`` (its state was just reset)."""
+        stale = [signature for signature in self._entries if any(hit[0] == identity for hit in signature)]
+        for signature in stale:
+            del self._entries[signature]
+
     def _make_room(self) -> None:
         entries = self._entries
         now = self._clock()

@@ -30,7 +30,7 @@ from .backends.base import Backend, Claim, Hit
 from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .metrics import ErrorKind, LimiterMetrics, ReleaseResult, Result, metrics_for
-from .policies import Decision
+from .policies import Decision, Policy
 
 __all__ = ["BUG_KINDS", "Limiter", "error_kind"]
 
@@ -294,6 +294,12 @@ class Limiter:
         if attempt.done() and not attempt.cancelled() and attempt.exception() is None:
             return
         self.releases.add(claims, token, attempt if not attempt.done() else None)
+
+    async def reset(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget ``key``'s state under ``policies`` in the backend and in this process's deny cache."""
+        await self._guarded(self.backend.reset, key, policies)
+        if self.deny_cache is not None:
+            self.deny_cache.forget(key)
 
     @property
     def in_process(self) -> bool:

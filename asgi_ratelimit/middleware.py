@@ -499,6 +499,25 @@ class RateLimitMiddleware:
         body = _problem_body(problem)
         await _respond(scope, receive, send, 503, body, "Service Unavailable", [(b"retry-after", b"1")])
 
+    # -- support tools -------------------------------------------------------------------
+
+    async def reset(self, rule_name: str, key: str) -> None:
+        """Forget ``key``'s counts under the rule named ``rule_name``: its next request finds a full allowance.
+
+        ``rule_name`` names one of the rules given to the middleware (an ``@rate_limit`` endpoint's rules
+        are not among them); ``key`` is what its extractor returns (a client IP, an API key).  A rule
+        whose limits depend on the request is reset under every tier this process has applied.  Raises
+        ConfigurationError for an unknown rule, BackendError when the backend does not answer.  Another
+        process may still deny the key from its own deny cache until the wait it last told.
+        """
+        rule = next((rule for rule in self.rules if rule.name == rule_name), None)
+        if rule is None:
+            names = ", ".join(repr(rule.name) for rule in self.rules) or "none"
+            raise ConfigurationError(f"No rule is named {rule_name!r}; the rules are: {names}.")
+        tiers = [rule.static] if rule.static is not None else list(rule._dynamic_cache.values())
+        policies = list(dict.fromkeys(policy for limits in tiers for policy in limits.policies))
+        await self.limiter.reset(rule.identity(key), policies)
+
 
 class _Guard:
     """One request's hold on the middleware, for the ``@rate_limit`` endpoint it may reach (see _context.py).

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import os
 import shlex
 from pathlib import Path
 from typing import Any
@@ -155,13 +156,15 @@ def test_every_manifest_parses_with_kind_and_name() -> None:
     kinds = sorted((doc["kind"], doc["metadata"]["name"]) for doc in manifests())
     assert kinds == [
         ("Deployment", "asgi-ratelimit-example"),
+        ("Deployment", "asgi-ratelimit-service"),
         ("Deployment", "redis"),
         ("Service", "asgi-ratelimit-example"),
+        ("Service", "asgi-ratelimit-service"),
         ("Service", "redis"),
     ]
 
 
-@pytest.mark.parametrize("name", ["asgi-ratelimit-example", "redis"])
+@pytest.mark.parametrize("name", ["asgi-ratelimit-example", "asgi-ratelimit-service", "redis"])
 def test_services_select_their_deployments_pods(name: str) -> None:
     deployment, service = find("Deployment", name), find("Service", name)
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -173,7 +176,7 @@ def test_services_select_their_deployments_pods(name: str) -> None:
         assert container_port(container, entry["targetPort"]) in ports
 
 
-@pytest.mark.parametrize("name", ["asgi-ratelimit-example", "redis"])
+@pytest.mark.parametrize("name", ["asgi-ratelimit-example", "asgi-ratelimit-service", "redis"])
 def test_pods_run_as_non_root_without_privileges(name: str) -> None:
     pod = find("Deployment", name)["spec"]["template"]["spec"]
     for container in pod["containers"]:
@@ -192,7 +195,7 @@ def test_the_app_pod_runs_as_the_images_user() -> None:
 def test_ports_agree_everywhere() -> None:
     container = app_container()
     port = int(option(image_command(), "--port"))
-    assert [int(word) for word in instruction("EXPOSE").split()] == [port]
+    assert port in [int(word) for word in instruction("EXPOSE").split()]
     assert [entry["containerPort"] for entry in container["ports"]] == [port]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container_port(container, container[probe]["httpGet"]["port"]) == port
@@ -215,6 +218,93 @@ def test_liveness_never_depends_on_redis() -> None:
 async def test_probe_paths_answer_200_in_the_example_app(probe: str) -> None:
     path = app_container()[probe]["httpGet"]["path"]
     app = create_app(MemoryBackend(), registry=CollectorRegistry())
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
+        response = await client.get(path)
+    assert response.status_code == 200, (path, response.text)
+
+
+# --- the decision service ---------------------------------------------------------------------------
+
+
+def service_container() -> dict[str, Any]:
+    (container,) = find("Deployment", "asgi-ratelimit-service")["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def image_environment() -> dict[str, str]:
+    """The variables the final stage's ENV instructions set."""
+    environment: dict[str, str] = {}
+    for keyword, arguments in final_stage():
+        if keyword == "ENV":
+            for word in shlex.split(arguments):
+                name, _, value = word.partition("=")
+                environment[name] = value
+    return environment
+
+
+def service_environment() -> dict[str, str]:
+    """What ``asgi-ratelimit serve`` sees in the pod: the image's variables, then the container's."""
+    plain = {entry["name"]: entry["value"] for entry in service_container()["env"] if "value" in entry}
+    return {**image_environment(), **plain}
+
+
+def service_command() -> list[str]:
+    command = service_container()["command"]
+    assert command[0] == "asgi-ratelimit"
+    # The command the image installs with the package (tomllib is not in Python 3.10: the line is read as text).
+    scripts = (ROOT / "pyproject.toml").read_text(encoding="utf-8").split("[project.scripts]")[1]
+    assert 'asgi-ratelimit = "asgi_ratelimit.__main__:main"' in scripts.split("\n[")[0]
+    return list(command[1:])
+
+
+def test_the_service_runs_the_command_with_workers_on_the_redis_service(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    from asgi_ratelimit import __main__ as cli
+
+    environment = service_environment()
+    token_file = tmp_path / "token"
+    token_file.write_text("a-token-of-the-secret-0123456789")
+    environment["ASGI_RATELIMIT_TOKEN_FILE"] = str(token_file)  # the Secret's file, here
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(os, "environ", environment)
+    cli.main(service_command())
+    (settings,) = calls
+    assert settings["host"] == "0.0.0.0"  # reachable from outside the container
+    assert settings["workers"] >= 2
+    (redis_port,) = find("Service", "redis")["spec"]["ports"]
+    assert environment["ASGI_RATELIMIT_REDIS_URL"].startswith(f"redis://redis:{redis_port['port']}/")
+    assert settings["port"] == container_port(service_container(), "http")
+    (service_port,) = find("Service", "asgi-ratelimit-service")["spec"]["ports"]
+    assert container_port(service_container(), service_port["targetPort"]) == settings["port"]
+    assert settings["port"] in [int(word) for word in instruction("EXPOSE").split()]
+
+
+def test_the_service_token_comes_from_a_secret() -> None:
+    container = service_container()
+    assert all(entry["name"] != "ASGI_RATELIMIT_TOKEN" or "valueFrom" in entry for entry in container["env"])
+    token_path = service_environment()["ASGI_RATELIMIT_TOKEN_FILE"]
+    (mount,) = [m for m in container["volumeMounts"] if token_path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount["readOnly"] is True
+    volumes = find("Deployment", "asgi-ratelimit-service")["spec"]["template"]["spec"]["volumes"]
+    (volume,) = [v for v in volumes if v["name"] == mount["name"]]
+    items = {item["path"]: item["key"] for item in volume["secret"]["items"]}
+    assert token_path[len(mount["mountPath"].rstrip("/")) + 1 :] in items
+    # The pod's user reads it: through its group, which the volume takes from fsGroup.
+    pod = find("Deployment", "asgi-ratelimit-service")["spec"]["template"]["spec"]
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    assert volume["secret"]["defaultMode"] & 0o040
+
+
+@pytest.mark.parametrize("probe", ["livenessProbe", "readinessProbe"])
+async def test_the_service_probes_answer_200_without_the_token(probe: str) -> None:
+    from asgi_ratelimit.service import create_app as create_service
+
+    path = service_container()[probe]["httpGet"]["path"]
+    app = create_service(MemoryBackend(), registry=CollectorRegistry(), token="a-token-of-the-secret-0123456789")
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver") as client:
         response = await client.get(path)
     assert response.status_code == 200, (path, response.text)

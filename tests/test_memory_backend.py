@@ -267,3 +267,16 @@ def test_the_sliding_log_drops_expired_entries_in_batches_and_stays_exact() -> N
 def _kept(backend: MemoryBackend, name: str, policies: dict[bool, Any]) -> bool:
     policy = policies[name.startswith("g")]
     return state_key(backend.prefix, digest(name), policy) in backend._store
+
+
+def test_a_reset_key_leaves_nothing_behind_for_eviction() -> None:
+    clock = Clock()
+    backend = MemoryBackend(max_keys=3, clock=clock)
+    policy = FixedWindow(5, 60)
+    for identity in ("a", "b", "c"):
+        backend.decide([(identity, policy, 1)])
+    asyncio.run(backend.reset("a", [policy]))
+    for identity in ("d", "e", "f", "g"):  # the cap is reached again and again; "a" is in no bucket
+        backend.decide([(identity, policy, 1)])
+    assert len(backend) == 3
+    assert backend.evictions == {"at_rest": 0, "live": 3}  # "b", "c" and "d", oldest first

@@ -134,6 +134,8 @@ BAD_INPUTS = [
     bad("key-empty", {**SW, "key": ""}, 422, "key"),
     bad("key-over-1KiB", {**SW, "key": "k" * (MAX_KEY_BYTES + 1)}, 422, "key"),
     bad("key-over-1KiB-in-utf8", {**SW, "key": "é" * (MAX_KEY_BYTES // 2 + 1)}, 422, "key"),
+    # The middleware's identity separator: a caller could otherwise name a middleware rule's counts.
+    bad("key-with-the-identity-separator", {**SW, "key": "login\x1f203.0.113.7"}, 422, "key"),
     # missing parameters
     bad("capacity-missing", without(TB, "capacity"), 422, "capacity"),
     bad("refill_rate-missing", without(TB, "refill_rate"), 422, "refill_rate"),
@@ -425,8 +427,12 @@ async def test_openapi_document_lists_every_route() -> None:
     assert response.status_code == 200
     document = response.json()
     assert document == openapi_document()
-    assert set(document["paths"]) == {"/check", "/health", "/health/live", "/metrics", "/openapi.json"}
-    variants = document["paths"]["/check"]["post"]["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert set(document["paths"]) == {"/check", "/reset", "/health", "/health/live", "/metrics", "/openapi.json"}
+    *variants, batch = document["paths"]["/check"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+        "oneOf"
+    ]
+    assert batch == {"$ref": "#/components/schemas/Batch"}
+    assert document["components"]["schemas"]["Batch"]["properties"]["checks"]["items"]["oneOf"] == variants
     assert {v["properties"]["algorithm"]["const"] for v in variants} == {
         "token_bucket",
         "sliding_window",
@@ -560,19 +566,18 @@ async def test_without_lifespan() -> None:
     assert backend.closed == 0
 
 
-async def test_module_level_app_with_and_without_lifespan() -> None:
-    from asgi_ratelimit.service import app
+def test_importing_the_module_builds_no_app() -> None:
+    # The command line (and any ASGI server, through from_environment) builds the app: an import must
+    # not open a backend, nor register metrics on the global registry.
+    import subprocess
+    import sys
 
-    assert isinstance(app.state.backend, MemoryBackend)
-    key = {**TB, "key": "module-level-app"}
-    assert (await post(app, key)).status_code == 200
-
-    async def requests() -> None:
-        assert (await post(app, key)).json()["remaining"] == 8
-
-    await lifespan(app, requests)
-    # The module-level app owns its MemoryBackend: closing it at shutdown leaves it usable.
-    assert (await post(app, key)).status_code == 200
+    code = (
+        "import asgi_ratelimit.service as s, prometheus_client as p; "
+        "assert not hasattr(s, 'app'); "
+        "assert b'asgi_ratelimit' not in p.generate_latest()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
 
 
 async def test_a_service_without_a_backend_builds_its_own() -> None:

@@ -44,6 +44,21 @@ def test_in_process(case: Any) -> None:
     case.call_and_validate(excluded_checks=EXCLUDED)
 
 
+TOKEN = "schemathesis-token-0123456789"
+with_token = schemathesis.openapi.from_asgi(
+    "/openapi.json",
+    create_app(MemoryBackend(), registry=CollectorRegistry(), token=TOKEN, protect_metrics=True),
+)
+
+
+@with_token.parametrize()
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
+def test_in_process_with_a_token(case: Any) -> None:
+    # Each case twice: with the token it is decided, without it the 401 must be one the document describes.
+    case.call_and_validate(headers={"Authorization": f"Bearer {TOKEN}"}, excluded_checks=EXCLUDED)
+    case.call_and_validate(excluded_checks=EXCLUDED)
+
+
 @pytest.fixture(scope="module")
 def server_url() -> Iterator[str]:
     """A uvicorn server on 127.0.0.1 running the service, stopped (bounded) after the module."""

@@ -56,6 +56,10 @@ class Backend(Protocol):
         """
         ...
 
+    async def reset(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget ``key``'s state under each of ``policies``: its next hit finds a full allowance."""
+        ...
+
     async def ping(self) -> None:
         """Raise BackendError unless the storage answers."""
         ...

@@ -175,6 +175,15 @@ class MemoryBackend:
                     self._unbucket(key, entry[2])
                     self._bucket(key, level)
 
+    async def reset(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget ``key``'s state under each of ``policies``: its next hit finds a full allowance."""
+        hashed = digest(key)
+        for policy in policies:
+            name = state_key(self.prefix, hashed, policy)
+            entry = self._store.get(name)
+            if entry is not None:
+                self._drop(name, entry[2])  # out of its eviction bucket too
+
     async def ping(self) -> None:
         """Always answers: the state lives in this process."""
 

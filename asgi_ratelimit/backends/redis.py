@@ -336,6 +336,17 @@ class RedisBackend:
         except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
             raise BackendError(f"Redis failed to release a slot: {type(exc).__name__}: {exc}") from exc
 
+    async def reset(self, key: str, policies: Sequence[Policy]) -> None:
+        """Forget ``key``'s state under each of ``policies`` (one DEL): its next hit finds a full allowance."""
+        if not policies:
+            return
+        hashed = digest(key)
+        # One identity's keys share a hash tag, so one DEL covers them on a cluster too.
+        try:
+            await self.client.delete(*(state_key(self.prefix, hashed, policy) for policy in policies))
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            raise BackendError(f"Redis failed to reset a key: {type(exc).__name__}: {exc}") from exc
+
     async def ping(self) -> None:
         """Raise BackendError unless Redis answers PING."""
         try:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import http_sfv
 import httpx
 import pytest
-from conftest import RedisProcess
+from conftest import ManualClock, RedisProcess
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from starlette.applications import Starlette
@@ -489,3 +492,55 @@ async def test_a_flood_refused_by_a_rate_limit_costs_no_round_trips(redis_url: s
     assert state_of(refused[-1]) == {"work": 0}  # from the cache: the slots were not looked at
     assert refused[-1].json()["violated-policies"] == ["work"]
     assert decisions_counted(app) == {"allowed": 2, "denied": 20}
+
+
+Step = tuple[str, int, int]  # ("acquire", identity, cost) | ("release", nth acquire, 0) | ("advance", seconds, 0)
+
+steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 2), st.integers(1, 2)),
+        st.tuples(st.just("release"), st.integers(0, 30), st.just(0)),
+        st.tuples(st.just("advance"), st.integers(0, 25), st.just(0)),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@pytest.mark.redis
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=steps)
+def test_memory_and_redis_take_slots_and_rate_limits_alike(steps: list[Step], redis_url: str) -> None:
+    """Any sequence of combined acquires, releases and waits: both backends give the same Decisions."""
+    hits_of = {n: [(f"user-{n}", FixedWindow(3, 30), 0), (f"user-{n}", TokenBucket(4, 0.25), 0)] for n in range(3)}
+    lease = Concurrency(2, timeout=20)
+
+    async def run() -> None:
+        clock = ManualClock()
+        prefix = f"test:{uuid.uuid4().hex[:12]}:"
+        memory = MemoryBackend(prefix=prefix, clock=clock)
+        redis = RedisBackend(Redis.from_url(redis_url), prefix=prefix, clock=clock)
+        taken: list[tuple[list[Any], str]] = []
+        try:
+            for index, (kind, a, b) in enumerate(steps):
+                if kind == "advance":
+                    clock.advance(a)
+                elif kind == "release" and taken:
+                    claims, token = taken[a % len(taken)]
+                    await memory.release(claims, token)
+                    await redis.release(claims, token)
+                elif kind == "acquire":
+                    hits = [(identity, policy, b) for identity, policy, _ in hits_of[a]]
+                    claims = [(f"user-{a}", lease)]
+                    token = f"token-{index}"
+                    expected = await memory.acquire(hits, claims, token)
+                    assert await redis.acquire(hits, claims, token) == expected, (index, kind, a, b)
+                    if all(d.allowed for d in expected):
+                        taken.append((claims, token))
+        finally:
+            keys = [key async for key in redis.client.scan_iter(f"{prefix}*")]
+            if keys:
+                await redis.client.delete(*keys)
+            await redis.aclose()
+
+    asyncio.run(run())

@@ -168,8 +168,22 @@ class TestExposition:
             "asgi_ratelimit_backend_latency_seconds",
             "asgi_ratelimit_backend_errors",
             "asgi_ratelimit_breaker_state",
+            "asgi_ratelimit_slot_release_retries",
+            "asgi_ratelimit_memory_evictions",
         } <= set(families)
         assert families["asgi_ratelimit_decisions"].type == "counter"
+        # Exported at zero from the start, every label value, so rate() and alerts see them before the first event.
+        for name, label, values in (
+            ("asgi_ratelimit_slot_release_retries", "result", {"released", "expired", "dropped"}),
+            ("asgi_ratelimit_memory_evictions", "kind", {"at_rest", "live"}),
+        ):
+            assert families[name].type == "counter"
+            samples = {
+                sample.labels[label]: sample.value
+                for sample in families[name].samples
+                if sample.name.endswith("_total")
+            }
+            assert samples == dict.fromkeys(values, 0.0)
         assert families["asgi_ratelimit_backend_latency_seconds"].type == "histogram"
 
     async def test_openmetrics_when_asked(self) -> None:

@@ -293,8 +293,11 @@ class RedisBackend:
         """One hit.lua call over rate-limit entries and concurrency slots alike."""
         keys: list[bytes | str | int] = []
         args: list[bytes | str | int] = [b"" if self._clock is None else self._clock()]
+        digests: dict[str, str] = {}  # a rule's identity names its rate limits and its slot alike
         for identity, limit, cost in entries:
-            hashed = digest(identity)
+            hashed = digests.get(identity)
+            if hashed is None:
+                hashed = digests[identity] = digest(identity)
             if isinstance(limit, Concurrency):
                 keys.append(slots_key(self.prefix, hashed).encode())
                 args += (limit.code, 1, limit.limit, limit.timeout_us)

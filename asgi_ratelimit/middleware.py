@@ -399,7 +399,11 @@ class RateLimitMiddleware:
             # before this call returns: the slot is given back just before the last body part goes
             # out, so a client that sends its next request on the answer finds it free.
             nonlocal released
-            if not released and message["type"] == "http.response.body" and not message.get("more_body", False):
+            kind = message["type"]
+            if not released and (
+                (kind == "http.response.body" and not message.get("more_body", False))
+                or kind == "http.response.pathsend"  # a file sent by the server: always the last message
+            ):
                 released = True
                 await self.limiter.release(claims, token)
             await inner(message)

@@ -544,3 +544,40 @@ def test_memory_and_redis_take_slots_and_rate_limits_alike(steps: list[Step], re
             await redis.aclose()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("last", ["body", "pathsend"])
+async def test_the_slot_is_held_until_the_last_part_of_the_response(backend: Any, last: str) -> None:
+    """Held while the body streams; given back as its last part (or a server-sent file) goes out."""
+    held_when: list[tuple[str, int]] = []
+
+    async def streaming(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"first", "more_body": True})
+        if last == "body":
+            await send({"type": "http.response.body", "body": b"last", "more_body": False})
+        else:
+            await send({"type": "http.response.pathsend", "path": "/dev/null"})
+        held_when.append(("returned", await slots_in_use(backend, "work", "tenant")))
+
+    app = RateLimitMiddleware(
+        streaming,
+        backend=backend,
+        rules=[Rule("/work", Concurrency(1, timeout=30), key=lambda request: "tenant", name="work")],
+        registry=CollectorRegistry(),
+    )
+
+    async def send(message: dict[str, Any]) -> None:
+        held_when.append((message["type"], await slots_in_use(backend, "work", "tenant")))
+
+    await app(http_scope(), _receive, send)
+    assert held_when == [
+        ("http.response.start", 1),
+        ("http.response.body", 1),
+        ("http.response.body" if last == "body" else "http.response.pathsend", 0),
+        ("returned", 0),
+    ]
+
+
+async def _receive() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}

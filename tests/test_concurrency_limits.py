@@ -581,3 +581,38 @@ async def test_the_slot_is_held_until_the_last_part_of_the_response(backend: Any
 
 async def _receive() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+async def test_a_websocket_holds_its_slot_until_it_closes(backend: Any) -> None:
+    closing = asyncio.Event()
+
+    async def echo(scope: Any, receive: Any, send: Any) -> None:
+        await receive()  # websocket.connect
+        await send({"type": "websocket.accept"})
+        await closing.wait()
+        await send({"type": "websocket.close", "code": 1000})
+
+    app = RateLimitMiddleware(
+        echo,
+        backend=backend,
+        rules=[Rule("/ws", Concurrency(1, timeout=30), key=lambda request: "tenant", name="work")],
+        registry=CollectorRegistry(),
+    )
+    scope = {**http_scope(), "type": "websocket", "path": "/ws", "raw_path": b"/ws", "scheme": "ws"}
+    del scope["method"]
+    sent: list[dict[str, Any]] = []
+
+    async def connect() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    first = asyncio.ensure_future(app(scope, connect, send))
+    await settle(lambda: _true_when(any(m["type"] == "websocket.accept" for m in sent)))
+    assert await slots_in_use(backend, "work", "tenant") == 1
+    await app(scope, connect, send)  # a second one while the first is open: refused
+    assert sent[-1]["type"] == "websocket.close" and sent[-1]["code"] == 1008  # a policy violation
+    closing.set()
+    await first
+    assert await slots_in_use(backend, "work", "tenant") == 0

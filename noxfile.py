@@ -44,7 +44,7 @@ def _lowest_versions() -> list[str]:
     wanted += [spec for spec in extras["test"] if spec.startswith("fastapi")]
     pins = []
     for spec in wanted:
-        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?>=([0-9][0-9.]*)", spec)
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?>=([0-9][0-9.]*)(?:,<[0-9][0-9.]*)?", spec)
         if match is None:
             raise ValueError(f"pyproject.toml: {spec!r} has no plain >= lower bound to test")
         pins.append(f"{match[1]}=={match[2]}")

@@ -1,15 +1,16 @@
 """EVALSHA straight onto a redis-py connection: the RESP written here, the replies read back in order.
 
 On one Redis, redis-py's generic command and pipeline machinery (argument encoding, command
-stacks, per-call pool checkout, observability hooks, a task per timed write) costs more than the
-script run itself.  WireCalls keeps what matters from it: the same bytes on the wire (a test holds
-them to redis-py's own packing), the client's Retry for connection errors, its socket timeouts,
-and a connection never reused with replies left unread.  Clusters keep redis-py's routing.
+stacks, per-call pool checkout, observability hooks) costs more than the script run itself.
+WireCalls keeps what matters from it, through redis-py's public connection API only
+(``get_connection``, ``send_packed_command``, ``read_response``, ``disconnect``, the connection's
+``retry``): the same bytes on the wire (a test holds them to redis-py's own packing), the client's
+Retry for connection errors, its socket timeouts, and a connection never reused with replies left
+unread.  Clusters keep redis-py's routing.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -68,22 +69,8 @@ class WireCalls:
                 await pool.release(connection)
 
     async def _send_and_read(self, connection: Any, calls: list[Args]) -> list[Any]:
-        data = self.pack(calls)
-        writer = getattr(connection, "_writer", None)  # redis-py's stream writer, once connected
-        if isinstance(writer, asyncio.StreamWriter) and connection.is_connected and not writer.transport.is_closing():
-            # The common case is one buffered write. redis-py's send_packed_command times even that
-            # out through asyncio.wait_for, which costs a task per call: only a write the socket
-            # could not take at once goes through it, to drain within the socket timeout.
-            writer.write(data)
-            if writer.transport.get_write_buffer_size():
-                try:
-                    await connection.send_packed_command(b"", check_health=False)
-                except BaseException:
-                    # Drop what the socket never took: a closing transport would still deliver it.
-                    writer.transport.abort()
-                    raise
-        else:
-            await connection.send_packed_command(data, check_health=False)  # connects first
+        # redis-py's public write: it connects first when needed, and bounds the write by the socket timeout.
+        await connection.send_packed_command(self.pack(calls), check_health=False)
         replies: list[Any] = []
         for _ in calls:
             try:

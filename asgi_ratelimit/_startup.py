@@ -62,7 +62,7 @@ def backend_from(backend: object) -> tuple[Backend, str | None]:
             f"backend={redacted(backend)!r} is not a backend URL: give redis://host:port/db, rediss://..., "
             "unix:///path or memory://, or a Backend object."
         )
-    for method in ("hit_many", "ping", "aclose"):
+    for method in ("submit", "hit_many", "ping", "aclose"):
         if not callable(getattr(backend, method, None)):
             raise ConfigurationError(
                 f"backend={backend!r} is not a Backend (it has no {method}()): give MemoryBackend(), "

@@ -1,9 +1,9 @@
 """The guarded decision that the middleware and the service share: a time budget and a circuit breaker around
-backend.hit_many(), with metrics and rate-limited logging.
+backend.submit(), with metrics and rate-limited logging.
 
 A backend call that does not answer within ``timeout`` is abandoned, not awaited: awaiting a
-cancelled redis-py call can take the socket's whole timeout (correctness rule 22), so the
-request returns at the budget and the call finishes, or fails, in the background.
+cancelled redis-py call can take the socket's whole timeout, so the request returns at the
+budget and the call finishes, or fails, in the background, counted in ``abandoned`` until then.
 
 Abandoned calls cannot pile up: after ``breaker_threshold`` consecutive failures (or once
 ``max_abandoned`` abandoned calls are still running) the breaker opens and no new call is made
@@ -17,7 +17,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from functools import partial
 from typing import Any, Final, Literal, NoReturn, TypeVar
 
 from prometheus_client import CollectorRegistry
@@ -27,7 +28,6 @@ from ._deny_cache import DenyCache
 from ._keys import digest
 from ._releases import PendingReleases
 from .backends.base import Backend, Claim, Hit
-from .backends.memory import MemoryBackend
 from .errors import BackendError, ConfigurationError
 from .metrics import ErrorKind, LimiterMetrics, ReleaseResult, Result, metrics_for
 from .policies import Decision, Policy
@@ -100,9 +100,9 @@ _SERVER_STATE_ERRORS: Final = frozenset(
 BUG_KINDS: Final[frozenset[ErrorKind]] = frozenset({"script", "other"})
 
 
-def _release(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+def _release(waiter: asyncio.Future[None], _: object = None) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _check_number(name: str, value: object, low: float, high: float) -> float:
@@ -161,21 +161,9 @@ class Limiter:
         self._clock = clock
         self.registry = registry
         self.metrics: LimiterMetrics | None = None if registry is None else metrics_for(registry)
-        if self.metrics is not None and isinstance(backend, MemoryBackend):
-            self.metrics.memory_evictions.backends.add(backend)
-        # The in-memory backend never waits on I/O: no task, no timer, nothing to cache.
-        self._in_process = isinstance(backend, MemoryBackend)
-        # A backend that hands back a future of its reply is waited on without a task of its own.
-        self._submit: Callable[[Sequence[Hit]], asyncio.Future[list[Decision]] | None] | None = getattr(
-            backend, "submit_many", None
-        )
-        # Exactly a MemoryBackend (a subclass may override hit_many): its synchronous core is called directly.
-        self._decide_now: Callable[[Sequence[Hit]], list[Decision]] | None = (
-            backend.decide if type(backend) is MemoryBackend else None
-        )
-        self._decide_slots_now: Callable[[Sequence[Hit], Sequence[Claim], str], list[Decision]] | None = (
-            backend.decide_with_slots if type(backend) is MemoryBackend else None
-        )
+        if self.metrics is not None and hasattr(backend, "evictions"):
+            self.metrics.memory_evictions.backends.add(backend)  # a backend that drops keys at a cap counts them
+        self._in_process = backend.in_process
         #: Slot releases that did not get through within the budget, retried until their lease ends.
         self.releases = PendingReleases(
             backend, clock=clock, log_interval=self.log_interval, on_result=self._count_release
@@ -183,9 +171,7 @@ class Limiter:
         if isinstance(deny_cache_size, bool) or not isinstance(deny_cache_size, int) or deny_cache_size < 1:
             raise ConfigurationError(f"deny_cache_size must be a whole number of at least 1, got {deny_cache_size!r}.")
         self.deny_cache: DenyCache | None = (
-            DenyCache(deny_cache_size, clock)
-            if deny_cache and not self._in_process and getattr(backend, "real_time", True)
-            else None
+            DenyCache(deny_cache_size, clock) if deny_cache and not self._in_process and backend.real_time else None
         )
 
         self._state: BreakerState = CLOSED
@@ -225,20 +211,23 @@ class Limiter:
         return self._abandoned
 
     # -- deciding ------------------------------------------------------------------------
+    # Every backend call goes through _begin(): through the breaker, then either decided at once
+    # (MemoryBackend) or waited on in _wait() within the budget.  Success, failure and abandoned
+    # calls are counted there and nowhere else.
 
     async def decide(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
-        if self._decide_now is not None:
-            return self.decide_in_process(hits)
         cache = self.deny_cache
         if cache is None:
-            return await self._decided_remotely(hits)
+            outcome = self._begin(self.backend.submit, hits, (), "")
+            return outcome if isinstance(outcome, list) else await outcome
         signature = tuple(hits)
         cached = cache.get(signature)
         if cached is not None:
             return cached
         sent_at = self._clock()
-        decisions = await self._decided_remotely(hits)
+        outcome = self._begin(self.backend.submit, hits, (), "")
+        decisions = outcome if isinstance(outcome, list) else await outcome
         if not all(decision.allowed for decision in decisions):
             cache.put(signature, decisions, sent_at)
         return decisions
@@ -251,29 +240,24 @@ class Limiter:
         cancelled after it may have been sent, its slots are released in the background, as a late
         acquire would otherwise hold them for the whole lease.
         """
-        if self._decide_slots_now is not None:
-            return self._decide_in_process(self._decide_slots_now, hits, claims, token)
         cache = self.deny_cache if hits else None
         sent_at = 0.0
         if cache is not None:
             cached = cache.get(tuple(hits))
             if cached is not None:
-                # The rate limits refuse, whatever the slots: no call, and no slot decided (the
-                # answer holds one Decision per hit only).
-                return cached
+                return cached  # the rate limits refuse, whatever the slots: no call, one Decision per hit
             sent_at = self._clock()
         try:
-            decisions = await self._guarded(self.backend.acquire, hits, claims, token)
+            outcome = self._begin(self.backend.submit, hits, claims, token)
+            decisions = outcome if isinstance(outcome, list) else await outcome
         except _BreakerOpen:
             raise  # nothing was sent
         except BaseException:
             self.releases.add(claims, token)
             raise
-        if cache is not None:
-            rate = decisions[: len(hits)]
-            if not all(decision.allowed for decision in rate):
-                # Exact as for decide(): the same hits are refused until the earliest wait is over.
-                cache.put(tuple(hits), rate, sent_at)
+        if cache is not None and not all(decision.allowed for decision in decisions[: len(hits)]):
+            # Exact as for decide(): the same hits are refused until the earliest wait is over.
+            cache.put(tuple(hits), decisions[: len(hits)], sent_at)
         return decisions
 
     async def release(self, claims: Sequence[Claim], token: str) -> None:
@@ -282,10 +266,13 @@ class Limiter:
         Returns within the budget, or at once when cancelled; the release goes on in the background
         until it succeeds or the lease has passed (the slot has expired by then).
         """
-        if self._decide_slots_now is not None:
-            await self.backend.release(claims, token)  # MemoryBackend: decided at once, nothing to wait for
+        if self._in_process:  # decided at once: nothing to wait for, but a failure is retried all the same
+            try:
+                await self.backend.release(claims, token)
+            except Exception:
+                self.releases.add(claims, token)
             return
-        attempt = asyncio.get_running_loop().create_task(self.backend.release(claims, token))
+        attempt = asyncio.ensure_future(self.backend.release(claims, token))
         try:
             await asyncio.wait([attempt], timeout=self.timeout)
         except asyncio.CancelledError:
@@ -297,86 +284,103 @@ class Limiter:
 
     async def reset(self, key: str, policies: Sequence[Policy]) -> None:
         """Forget ``key``'s state under ``policies`` in the backend and in this process's deny cache."""
-        await self._guarded(self.backend.reset, key, policies)
+        outcome = self._begin(self.backend.reset, key, policies)
+        if not isinstance(outcome, list):  # always so: reset() is a coroutine
+            await outcome
         if self.deny_cache is not None:
             self.deny_cache.forget(key)
 
     @property
     def in_process(self) -> bool:
-        """Whether decide_in_process() may be called: the backend is exactly a MemoryBackend."""
-        return self._decide_now is not None
+        """Whether decide_in_process() may be called: the backend decides at once (``Backend.in_process``)."""
+        return self._in_process
 
     def decide_in_process(self, hits: Sequence[Hit]) -> list[Decision]:
-        """decide() for MemoryBackend, which decides synchronously: no coroutine, and it cannot hang.
+        """decide() for a backend that decides at once (MemoryBackend): no coroutine, and it cannot hang."""
+        outcome = self._begin(self.backend.submit, hits, (), "")
+        if not isinstance(outcome, list):
+            outcome.close()
+            raise BackendError(f"{type(self.backend).__name__}.submit() did not decide at once, as in_process says")
+        return outcome
 
-        Not timed in the latency histogram: there is no I/O to watch, and two clock reads per
-        request would add to the very path it has no reason to measure.
+    def _begin(self, start: Callable[..., Any], *args: Any) -> list[Decision] | Coroutine[Any, Any, Any]:
+        """Call ``start`` through the breaker: its decisions when it decides at once, else a coroutine to await.
+
+        Not timed in the latency histogram when decided at once: there is no I/O to watch.
         """
-        assert self._decide_now is not None
-        return self._decide_in_process(self._decide_now, hits)
-
-    def _decide_in_process(self, decide: Callable[..., list[Decision]], *args: Any) -> list[Decision]:
-        probe = self._state is not CLOSED and self._admit()  # _admit raises _BreakerOpen unless this is the probe
+        probe = (self._state is not CLOSED or self._abandoned >= self.max_abandoned) and self._admit()
         try:
-            result = decide(*args)
+            outcome = start(*args)
         except Exception as exc:
             self._raise_failure(exc, probe, None)
+        if isinstance(outcome, list):
+            if self._failures or probe or self._failing_since is not None:
+                self._succeeded(probe)
+            return outcome
+        return self._wait(outcome, probe, time.perf_counter())
+
+    async def _wait(self, pending: Awaitable[T], probe: bool, started: float) -> T:
+        """Wait for a backend call within the budget, then count its outcome.
+
+        A coroutine runs as a task of ours; a future is the backend's (RedisBackend's round trip), so
+        the request waits beside it, not on it, and never cancels it.
+        """
+        future = asyncio.ensure_future(pending)
+        if not future.done():
+            loop = asyncio.get_running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            future.add_done_callback(partial(_release, waiter))
+            timer = loop.call_later(self.timeout, _release, waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:  # the request went away: the call is abandoned all the same
+                self._abandon(future, probe, owned=future is not pending)
+                raise
+            finally:
+                timer.cancel()
+            if not future.done():
+                self._abandon(future, probe, owned=future is not pending)
+                self._raise_failure(
+                    _Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms"), probe, started
+                )
+        try:
+            result = future.result()
+        except Exception as exc:
+            self._raise_failure(exc, probe, started)
+        if self.metrics is not None:
+            self.metrics.backend_latency.observe(time.perf_counter() - started)
         if self._failures or probe or self._failing_since is not None:
             self._succeeded(probe)
         return result
 
-    async def _decided_remotely(self, hits: Sequence[Hit]) -> list[Decision]:
-        """decide() on a backend that can hand back a future (RedisBackend.submit_many): no task per call.
+    def _abandon(self, future: asyncio.Future[Any], probe: bool, owned: bool) -> None:
+        """Count a call nobody waits for any more until it ends; stop it if it is our own task.
 
-        The request waits on the future itself, with a timer that fails it at the budget; the round
-        trip, which is the backend's, carries on or is skipped.  Probes (the breaker not closed), and
-        backends or moments without submit_many, go through _guarded() and its task instead.
+        The breaker waits for a probe's outcome (up to the cooldown), not just the request's budget:
+        a cold first call after a restart (connect, load the script) may take longer than one
+        budget, and must not cost another whole cooldown.
         """
-        submit = self._submit
-        if submit is None or self._state is not CLOSED:
-            return await self._guarded(self.backend.hit_many, hits)
-        started = time.perf_counter()
-        try:
-            future = submit(hits)
-            if future is not None:
-                if not future.done():
-                    timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, future)
-                    try:
-                        await future
-                    finally:
-                        timer.cancel()
-                result = future.result()
-        except Exception as exc:
-            self._raise_failure(exc, False, started)
-        if future is None:
-            return await self._guarded(self.backend.hit_many, hits)
-        self._settle_success(False, started)
-        return result
-
-    def _expire(self, future: asyncio.Future[list[Decision]]) -> None:
-        if not future.done():
-            future.set_exception(_Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms"))
-
-    async def _guarded(self, method: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-        """Call a backend method within the time budget, through the breaker, counting the outcome."""
-        probe = False
-        if self._state is not CLOSED or self._abandoned >= self.max_abandoned:
-            probe = self._admit()  # raises _BreakerOpen unless this call is the probe
-        started = time.perf_counter()
-        try:
-            if self._in_process:
-                result = await method(*args)
+        self._abandoned += 1
+        future.add_done_callback(partial(self._abandoned_done, probe))
+        if owned:
+            if probe:
+                asyncio.get_running_loop().call_later(max(self.breaker_cooldown, self.timeout), future.cancel)
             else:
-                result = await self._within_budget(method(*args), probe=probe)
-        except asyncio.CancelledError:
-            if probe and self._in_process:  # the request went away: the next call probes instead
-                self._probing = False
-                self._set_state(OPEN)
-            raise
-        except Exception as exc:
-            self._raise_failure(exc, probe, started)
-        self._settle_success(probe, started)
-        return result
+                future.cancel()
+
+    def _abandoned_done(self, probe: bool, future: asyncio.Future[Any]) -> None:
+        self._abandoned -= 1
+        # Retrieve the outcome, which has nobody else to go to, so asyncio does not warn.
+        failed = future.cancelled() or future.exception() is not None
+        if not probe:
+            return
+        self._probing = False
+        if self._state is not HALF_OPEN:
+            return
+        if failed:
+            self._open("the probe failed")
+        else:
+            self._succeeded(probe=True)
 
     def _raise_failure(self, exc: Exception, probe: bool, started: float | None) -> NoReturn:
         """Count a failed call, move the breaker, and raise it as a BackendError (a backend bug included)."""
@@ -387,12 +391,6 @@ class Limiter:
         self._failed(error, probe, started)
         raise error from exc
 
-    def _settle_success(self, probe: bool, started: float) -> None:
-        if self.metrics is not None:
-            self.metrics.backend_latency.observe(time.perf_counter() - started)
-        if self._failures or probe or self._failing_since is not None:
-            self._succeeded(probe)
-
     async def ping(self) -> float:
         """Ping the backend within the timeout; the latency in seconds, or BackendError.
 
@@ -402,65 +400,22 @@ class Limiter:
         if self._ping is not None and not self._ping.done():
             raise _Abandoned("the previous ping has not answered yet")
         started = time.perf_counter()
+        self._ping = ping = asyncio.ensure_future(self.backend.ping())
         try:
-            await self._within_budget(self.backend.ping(), keep="_ping")
+            done, _ = await asyncio.wait([ping], timeout=self.timeout)
+        except asyncio.CancelledError:
+            self._abandon(ping, probe=False, owned=True)
+            raise
+        if not done:
+            self._abandon(ping, probe=False, owned=True)
+            raise _Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms")
+        try:
+            ping.result()
         except BackendError:
             raise
         except Exception as exc:
             raise _wrap(exc) from exc
         return time.perf_counter() - started
-
-    async def _within_budget(self, call: Coroutine[Any, Any, T], keep: str | None = None, probe: bool = False) -> T:
-        loop = asyncio.get_running_loop()
-        task: asyncio.Task[T] = loop.create_task(call)
-        if keep is not None:
-            setattr(self, keep, task)
-        if not task.done():
-            waiter: asyncio.Future[None] = loop.create_future()
-            task.add_done_callback(lambda _: _release(waiter))
-            timer = loop.call_later(self.timeout, _release, waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                # The request itself was cancelled: abandon the call the same way.
-                self._abandon(task, probe)
-                raise
-            finally:
-                timer.cancel()
-            if not task.done():
-                self._abandon(task, probe)
-                raise _Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms")
-        return task.result()
-
-    def _abandon(self, task: asyncio.Task[Any], probe: bool = False) -> None:
-        self._abandoned += 1
-        if not probe:
-            task.cancel()
-            task.add_done_callback(self._abandoned_done)
-            return
-        # The request stops waiting at its budget, but the breaker waits for the probe's outcome
-        # (up to the cooldown): a cold first call after a restart (connect, load the script) may
-        # take longer than one request's budget, and must not cost another whole cooldown.
-        deadline = asyncio.get_running_loop().call_later(max(self.breaker_cooldown, self.timeout), task.cancel)
-        task.add_done_callback(lambda done: self._probe_done(done, deadline))
-
-    def _probe_done(self, task: asyncio.Task[Any], deadline: asyncio.TimerHandle) -> None:
-        deadline.cancel()
-        self._abandoned -= 1
-        failed = task.cancelled() or task.exception() is not None
-        self._probing = False
-        if self._state is not HALF_OPEN:
-            return
-        if failed:
-            self._open("the probe failed")
-        else:
-            self._succeeded(probe=True)
-
-    def _abandoned_done(self, task: asyncio.Task[Any]) -> None:
-        self._abandoned -= 1
-        # An abandoned call's outcome has nobody to go to; retrieve it so asyncio does not warn.
-        if not task.cancelled():
-            task.exception()
 
     # -- the breaker -----------------------------------------------------------------------
 
@@ -504,8 +459,8 @@ class Limiter:
         self._count_failure(kind, error)
         if kind in BUG_KINDS and _raised_by_code(error):
             self._report_bug(error)
-        if probe and isinstance(error, _Abandoned) and not self._in_process:
-            return  # the probe goes on in the background; _probe_done decides
+        if probe and isinstance(error, _Abandoned):
+            return  # the probe goes on in the background; _abandoned_done decides
         if probe:
             self._probing = False
             self._open("the probe failed")

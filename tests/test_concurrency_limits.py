@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from asgi_ratelimit import (
+    Backend,
     BackendError,
     Concurrency,
     ConfigurationError,
@@ -453,6 +454,10 @@ async def test_a_refused_request_in_a_dry_run_is_counted_once(backend: Any) -> N
 
 class Unreachable(MemoryBackend):
     """A backend that cannot decide: every acquire fails."""
+
+    # Decided through its own async methods, as a network backend is: the Limiter awaits them.
+    in_process = False
+    submit = Backend.submit
 
     async def acquire(self, hits: Any, claims: Any, token: str) -> Any:
         raise BackendError("unreachable")

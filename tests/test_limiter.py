@@ -13,7 +13,7 @@ from redis import exceptions as redis_errors
 
 from asgi_ratelimit import BackendError, ConfigurationError, MemoryBackend
 from asgi_ratelimit._keys import digest
-from asgi_ratelimit.backends.base import Hit
+from asgi_ratelimit.backends.base import Backend, Hit
 from asgi_ratelimit.limiter import Limiter, error_kind
 from asgi_ratelimit.policies import Decision, FixedWindow
 
@@ -34,7 +34,7 @@ class Clock:
         self.now += seconds
 
 
-class Scripted:
+class Scripted(Backend):
     """A backend whose next calls succeed, fail, or hang until released."""
 
     def __init__(self) -> None:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from asgi_ratelimit import BackendError, MemoryBackend, RateLimitMiddleware, Rule
+from asgi_ratelimit import Backend, BackendError, MemoryBackend, RateLimitMiddleware, Rule
 from asgi_ratelimit.metrics import ERROR_KINDS, LATENCY_BUCKETS, LatencyHistogram
 
 
@@ -29,12 +29,20 @@ def by_user(request: object) -> str | None:
 
 
 class Broken(MemoryBackend):
+    # Decided through its own async methods, as a network backend is: the Limiter awaits them.
+    in_process = False
+    submit = Backend.submit
+
     async def hit_many(self, hits: object) -> list[object]:  # type: ignore[override]
         raise BackendError("down")
 
 
 class AwaitedMemory(MemoryBackend):
     """A subclass: the limiter awaits its hit_many() as it would a network backend's."""
+
+    # Decided through its own async methods, as a network backend is: the Limiter awaits them.
+    in_process = False
+    submit = Backend.submit
 
 
 def make(registry: CollectorRegistry, **kwargs: object) -> RateLimitMiddleware:

@@ -115,7 +115,7 @@ def client_for(app: ASGIApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
-class CountingBackend:
+class CountingBackend(Backend):
     """Wraps a backend and records every call that reaches it."""
 
     def __init__(self, inner: Any) -> None:
@@ -139,7 +139,7 @@ class CountingBackend:
         await self.inner.aclose()
 
 
-class BrokenBackend:
+class BrokenBackend(Backend):
     """A backend whose every decision fails."""
 
     async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:

@@ -377,6 +377,10 @@ async def test_unknown_paths_and_methods_answer_problem_json() -> None:
 
 
 class Failing(MemoryBackend):
+    # Decided through its own async methods, as a network backend is: the Limiter awaits them.
+    in_process = False
+    submit = Backend.submit
+
     async def hit_many(self, hits: list[Hit]) -> list[Decision]:  # type: ignore[override]
         raise BackendError("down")
 

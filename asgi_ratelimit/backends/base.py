@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigurationError
@@ -14,6 +14,7 @@ __all__ = [
     "Backend",
     "Claim",
     "Hit",
+    "Outcome",
     "check_hits",
     "decision_from_reply",
     "decisions_from_flat",
@@ -29,9 +30,34 @@ Hit = tuple[str, Policy, int]
 Claim = tuple[str, Concurrency]
 
 
+#: What Backend.submit() hands back: the decisions themselves, or something to await for them.
+Outcome = list[Decision] | Awaitable[list[Decision]]
+
+
 @runtime_checkable
 class Backend(Protocol):
-    """Storage that decides hits atomically."""
+    """Storage that decides hits atomically.
+
+    A backend may subclass this protocol to inherit ``submit``, ``in_process`` and ``real_time``;
+    the two backends here define their own.
+    """
+
+    #: Whether submit() always returns the decisions themselves, never an awaitable: the Limiter
+    #: then answers without a coroutine, and keeps no deny cache (a decision costs less than a lookup).
+    in_process: bool = False
+    #: Whether the backend's clock moves with real time (an injected test clock need not): the
+    #: Limiter's deny cache relies on it.
+    real_time: bool = True
+
+    def submit(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> Outcome:
+        """Start acquire(hits, claims, token) for a caller with a time budget (the Limiter), without waiting.
+
+        Returns the decisions when they are known at once, else an awaitable of them.  A coroutine
+        is the caller's to run and cancel; an ``asyncio.Future`` is the backend's: the caller may
+        stop waiting on it at any moment, but never cancels it, and the backend finishes its I/O
+        (or gives up on it) by itself.  Failures may be raised here or by the awaitable.
+        """
+        return self.acquire(hits, claims, token) if claims else self.hit_many(hits)
 
     async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
         """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""

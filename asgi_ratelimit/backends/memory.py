@@ -115,8 +115,19 @@ class MemoryBackend:
         self._evicted_unlogged = 0
         self._last_eviction_log = -math.inf
 
+    #: submit() decides at once: the Limiter calls it without a coroutine, a task or a timer.
+    in_process = True
+    real_time = True
+
     def __len__(self) -> int:
         return len(self._store)
+
+    def submit(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+        """acquire() without a coroutine: decided at once, as nothing here waits on I/O.
+
+        The Limiter calls this, not hit_many() or acquire(): a subclass that changes decisions overrides it.
+        """
+        return self.decide_with_slots(hits, claims, token) if claims else self.decide(hits)
 
     async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
         """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""

@@ -17,7 +17,7 @@ from .._keys import digest, slots_key, state_key
 from ..errors import BackendError, ConfigurationError
 from ..policies import Concurrency, Decision, Policy
 from ._coalesce import ScriptCaller
-from .base import Claim, Hit, check_hits, decision_from_reply, decisions_from_flat, slot_decision
+from .base import Claim, Hit, Outcome, check_hits, decision_from_reply, decisions_from_flat, slot_decision
 from .memory import system_clock_us
 
 __all__ = ["RedisBackend"]
@@ -69,6 +69,7 @@ class RedisBackend:
             raise ConfigurationError(f'RedisBackend: clock must be "server", "client" or a callable, got {clock!r}.')
         # An injected clock need not move with real time; the limiter's deny cache relies on it doing so.
         self.real_time = not callable(clock)
+        self.in_process = False
         if not isinstance(prefix, str) or "{" in prefix or "}" in prefix:
             raise ConfigurationError(f"RedisBackend: prefix must be a string without braces, got {prefix!r}.")
         self.client = client
@@ -170,19 +171,17 @@ class RedisBackend:
         async with self._in_flight:
             return await self._decide(hits)
 
-    def submit_many(self, hits: Sequence[Hit]) -> asyncio.Future[list[Decision]] | None:
-        """Start deciding ``hits`` for a caller with a time budget (the Limiter), without awaiting.
+    def submit(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> Outcome:
+        """Start acquire(hits, claims, token) for a caller with a time budget (the Limiter), without awaiting.
 
-        Returns the future of the Decisions (it fails with redis-py's own errors), or None when this
-        call must go through ``hit_many`` instead: before the first initialisation, on a cluster, or
-        with nothing to decide.
-        The caller may stop waiting on the future at any moment: the round trip is not its own.
+        On one Redis, once initialised, rate limits alone: the future of the Decisions (it fails with
+        redis-py's own errors), which the round trip's own task completes; the caller may stop waiting
+        on it at any moment.  Otherwise (slots to claim, a cluster, the first call, nothing to decide)
+        the acquire() coroutine, for the caller to run.
         """
-        if not self._initialised or self._in_flight is not None:
-            return None
+        if claims or not self._initialised or self._in_flight is not None or not hits:
+            return self.acquire(hits, claims, token)
         check_hits(hits)
-        if not hits:
-            return None
         return self._call.submit(len(hits), *self._script_args(hits), transform=partial(decisions_from_flat, hits))
 
     async def _decide(self, hits: Sequence[Hit]) -> list[Decision]:

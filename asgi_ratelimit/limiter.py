@@ -105,6 +105,12 @@ def _release(waiter: asyncio.Future[None], _: object = None) -> None:
         waiter.set_result(None)
 
 
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{name} must be a whole number of at least 1, got {value!r}.")
+    return value
+
+
 def _check_number(name: str, value: object, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low < value <= high:
         raise ConfigurationError(
@@ -146,16 +152,10 @@ class Limiter:
     ) -> None:
         self.backend = backend
         self.timeout = _check_number("timeout", timeout, 0, 60)
-        if isinstance(breaker_threshold, bool) or not isinstance(breaker_threshold, int) or breaker_threshold < 1:
-            raise ConfigurationError(
-                f"breaker_threshold must be a whole number of at least 1, got {breaker_threshold!r}."
-            )
-        self.breaker_threshold = breaker_threshold
+        self.breaker_threshold = _check_count("breaker_threshold", breaker_threshold)
         self.breaker_cooldown = _check_number("breaker_cooldown", breaker_cooldown, 0, 3600)
         self.log_interval = _check_number("log_interval", log_interval, 0, 86400)
-        if isinstance(max_abandoned, bool) or not isinstance(max_abandoned, int) or max_abandoned < 1:
-            raise ConfigurationError(f"max_abandoned must be a whole number of at least 1, got {max_abandoned!r}.")
-        self.max_abandoned = max_abandoned
+        self.max_abandoned = _check_count("max_abandoned", max_abandoned)
         if not callable(clock):
             raise ConfigurationError(f"clock must be a callable returning seconds, got {clock!r}.")
         self._clock = clock
@@ -168,8 +168,7 @@ class Limiter:
         self.releases = PendingReleases(
             backend, clock=clock, log_interval=self.log_interval, on_result=self._count_release
         )
-        if isinstance(deny_cache_size, bool) or not isinstance(deny_cache_size, int) or deny_cache_size < 1:
-            raise ConfigurationError(f"deny_cache_size must be a whole number of at least 1, got {deny_cache_size!r}.")
+        deny_cache_size = _check_count("deny_cache_size", deny_cache_size)
         self.deny_cache: DenyCache | None = (
             DenyCache(deny_cache_size, clock) if deny_cache and not self._in_process and backend.real_time else None
         )

@@ -27,7 +27,7 @@ from ._partition import partition_key, partition_secret
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
 from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
-from .policies import ALGORITHMS, Concurrency, Policy, parse_limits
+from .policies import ALGORITHMS, DEFAULT_ALGORITHM, Concurrency, Policy, parse_limits
 
 __all__ = [
     "ENDPOINT_RULES",
@@ -90,7 +90,7 @@ class Rule:
         key: the key extractor; a sync or async callable of the request returning a string, or
             None when the rule does not apply to that request.  Default: ``ClientIP()``.
         methods: the HTTP methods the rule applies to; ``None`` for all.
-        algorithm: the algorithm of limit strings (``"sliding_window"`` by default).
+        algorithm: the algorithm of limit strings (``"gcra"`` by default).
         cost: units each request takes: an int or a callable of the request.
         name: the name used in headers and metrics; derived from the path when absent.
         fail_open: overrides the middleware's ``fail_open`` for this rule when not None.
@@ -108,7 +108,7 @@ class Rule:
         *,
         key: KeyFunc | None = None,
         methods: Iterable[str] | None = None,
-        algorithm: str = "sliding_window",
+        algorithm: str = DEFAULT_ALGORITHM,
         cost: int | CostFunc = 1,
         name: str | None = None,
         fail_open: bool | None = None,
@@ -409,7 +409,7 @@ def rate_limit(
     limits: Limits | DynamicLimits,
     *,
     key: KeyFunc | None = None,
-    algorithm: str = "sliding_window",
+    algorithm: str = DEFAULT_ALGORITHM,
     cost: int | CostFunc = 1,
     name: str | None = None,
     fail_open: bool | None = None,

@@ -320,8 +320,6 @@ _GRAMMAR = (
     'or year = 365 days, plural allowed): "10/second", "100/minute", "5 per 10 seconds"'
 )
 
-LimitSpec = str | Policy
-
 
 def parse_limit(text: str, algorithm: str = DEFAULT_ALGORITHM) -> Policy:
     """Turn ``"100/minute"`` or ``"5 per 10 seconds"`` into a policy of the given algorithm.

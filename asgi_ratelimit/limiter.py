@@ -289,19 +289,6 @@ class Limiter:
         if self.deny_cache is not None:
             self.deny_cache.forget(key)
 
-    @property
-    def in_process(self) -> bool:
-        """Whether decide_in_process() may be called: the backend decides at once (``Backend.in_process``)."""
-        return self._in_process
-
-    def decide_in_process(self, hits: Sequence[Hit]) -> list[Decision]:
-        """decide() for a backend that decides at once (MemoryBackend): no coroutine, and it cannot hang."""
-        outcome = self._begin(self.backend.submit, hits, (), "")
-        if not isinstance(outcome, list):
-            outcome.close()
-            raise BackendError(f"{type(self.backend).__name__}.submit() did not decide at once, as in_process says")
-        return outcome
-
     def _begin(self, start: Callable[..., Any], *args: Any) -> list[Decision] | Coroutine[Any, Any, Any]:
         """Call ``start`` through the breaker: its decisions when it decides at once, else a coroutine to await.
 

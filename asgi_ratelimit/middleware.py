@@ -111,7 +111,6 @@ class RateLimitMiddleware:
             registry=self.registry if metrics else None,
             deny_cache=deny_cache,
         )
-        self._in_process = self.limiter.in_process  # read once: every request asks
         # rule name -> allowed decisions, the metric nearly every request adds to (None: metrics are off).
         self._allowed_counts = None if self.limiter.metrics is None else self.limiter.metrics.decisions.allowed
         self._operations: OperationsApp | None = None
@@ -259,10 +258,7 @@ class RateLimitMiddleware:
             return
 
         try:
-            if self._in_process:
-                decisions = self.limiter.decide_in_process(hits)
-            else:
-                decisions = await self.limiter.decide(hits)
+            decisions = await self.limiter.decide(hits)
         except BackendError:
             self.limiter.count_failure(spans, fail_open)
             if fail_open:

@@ -42,8 +42,8 @@ class Backend(Protocol):
     the two backends here define their own.
     """
 
-    #: Whether submit() always returns the decisions themselves, never an awaitable: the Limiter
-    #: then answers without a coroutine, and keeps no deny cache (a decision costs less than a lookup).
+    #: Whether submit() always returns the decisions themselves, never an awaitable: the Limiter then
+    #: keeps no deny cache (a decision costs less than a lookup) and releases slots without a task.
     in_process: bool = False
     #: Whether the backend's clock moves with real time (an injected test clock need not): the
     #: Limiter's deny cache relies on it.

@@ -115,7 +115,7 @@ class MemoryBackend:
         self._evicted_unlogged = 0
         self._last_eviction_log = -math.inf
 
-    #: submit() decides at once: the Limiter calls it without a coroutine, a task or a timer.
+    #: submit() decides at once: the Limiter waits on no task and no timer.
     in_process = True
     real_time = True
 

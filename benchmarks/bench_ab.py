@@ -11,10 +11,12 @@ checkout (the harness, httpbench, is this one's for both).  Figures are medians 
   round: the time a request gains from the limiter, against the bare call it cannot avoid.
 
     python benchmarks/bench_ab.py --before /path/to/old/checkout --rounds 5 --seconds 1
-    python benchmarks/bench_ab.py --before /path/to/old/checkout --rounds 0 --instructions ours-memory,ours-flood
+    python benchmarks/bench_ab.py --before /path/to/old/checkout --rounds 0 --instructions ours-memory,ours-redis@50
 
-``--instructions`` also counts instructions per request under callgrind (valgrind; hash randomisation off),
-one request at a time, which holds whatever else the machine is doing.
+``--uvicorn`` also runs configs through uvicorn (wrk, 50 connections, 5x ``--seconds``): ``us`` is then
+1 / req/s and ``cpu_us`` the server's CPU per request.  ``--instructions`` also counts instructions per
+request under callgrind (valgrind; hash randomisation off), one request at a time, which holds whatever
+else the machine is doing.
 """
 
 from __future__ import annotations
@@ -82,13 +84,22 @@ def _builders() -> dict[str, Any]:
 
 
 async def _serve(url: str, name: str, requests: int) -> None:
-    """Serve ``requests`` requests one at a time after a warm-up, untimed: the process callgrind counts."""
+    """Serve ``requests`` requests after a warm-up, untimed: the process callgrind counts.
+
+    ``name`` is a config, or ``config@N`` for N requests in flight (one at a time otherwise).
+    """
     from httpbench import apps, inprocess
 
-    built = _builders()[name](apps.BuildContext(url, f"benchab-{os.getpid()}-{name}:"))
-    for _ in range(200 + requests):
-        exchange = inprocess._Exchange()
-        await built.app(dict(inprocess.SCOPE_TEMPLATE), exchange.receive, exchange.send)
+    config, _, flight = name.partition("@")
+    concurrency = int(flight or 1)
+    built = _builders()[config](apps.BuildContext(url, f"benchab-{os.getpid()}-{config}:"))
+
+    async def worker(count: int) -> None:
+        for _ in range(count):
+            exchange = inprocess._Exchange()
+            await built.app(dict(inprocess.SCOPE_TEMPLATE), exchange.receive, exchange.send)
+
+    await asyncio.gather(*(worker((200 + requests) // concurrency) for _ in range(concurrency)))
     await built.aclose()
 
 
@@ -147,6 +158,25 @@ def _round(tree: Path, url: str, seconds: float) -> dict[str, Any]:
     return result
 
 
+def _uvicorn(tree: Path, url: str, config: str, seconds: int) -> dict[str, float]:
+    """One wrk run (50 connections) against uvicorn serving httpbench's ``config`` from ``tree``."""
+    sys.path.insert(0, str(HERE))
+    from httpbench import apps, server
+
+    env = {
+        "PYTHONPATH": str(tree),
+        apps.ENV_CONFIG: config,
+        apps.ENV_REDIS_URL: url,
+        apps.ENV_PREFIX: f"benchab-{os.getpid()}-{config}:",
+    }
+    with server.uvicorn_server(env, 0) as running:
+        server.run_wrk(running.url, 1, 50, 1, latency=False)  # warm-up
+        cpu_before = server.cpu_seconds(running.proc.pid) or 0.0
+        figures = server.run_wrk(running.url, seconds, 50, 1)
+        cpu_after = server.cpu_seconds(running.proc.pid) or 0.0
+    return {"rps": figures["rps"], "cpu_us": (cpu_after - cpu_before) * 1e6 / figures["requests"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", type=Path, help="the other checkout (its top directory)")
@@ -156,6 +186,9 @@ def main() -> None:
     parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/1"))
     parser.add_argument(
         "--instructions", default="", help="configs to count instructions of under callgrind, e.g. ours-memory"
+    )
+    parser.add_argument(
+        "--uvicorn", default="", help="httpbench configs to also run through uvicorn and wrk, e.g. ours-redis-fixed"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", nargs=2, help=argparse.SUPPRESS)
@@ -179,10 +212,14 @@ def main() -> None:
     for index in range(args.rounds):
         for label, tree in trees.items():  # A B, A B, ...
             rounds[label].append(_round(tree, args.redis_url, args.seconds))
+            for config in filter(None, args.uvicorn.split(",")):
+                run = _uvicorn(tree, args.redis_url, config, max(1, round(args.seconds * 5)))
+                rounds[label][-1][f"{config}@uvicorn"] = {"us": 1e6 / run["rps"], "cpu_us": run["cpu_us"]}
         print(f"round {index + 1}/{args.rounds} done", file=sys.stderr)
     if not args.rounds:
         return
     keys = [f"{name}@{concurrency}" for name, concurrency in RUNS] + ["floor@1"]
+    keys += [f"{config}@uvicorn" for config in filter(None, args.uvicorn.split(","))]
     print("| run | before µs | after µs | after/before | before CPU µs | after CPU µs | after/before |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for key in keys:

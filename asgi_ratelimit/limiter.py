@@ -27,7 +27,7 @@ from redis import exceptions as redis_errors
 from ._deny_cache import DenyCache
 from ._keys import digest
 from ._releases import PendingReleases
-from .backends.base import Backend, Claim, Hit
+from .backends.base import Backend, Call, Claim, Hit
 from .errors import BackendError, ConfigurationError
 from .metrics import ErrorKind, LimiterMetrics, ReleaseResult, Result, metrics_for
 from .policies import Decision, Policy
@@ -100,9 +100,27 @@ _SERVER_STATE_ERRORS: Final = frozenset(
 BUG_KINDS: Final[frozenset[ErrorKind]] = frozenset({"script", "other"})
 
 
-def _release(waiter: asyncio.Future[None], _: object = None) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+def _follow(awaitable: Awaitable[Any]) -> tuple[Call, Callable[[], object] | None]:
+    """A Call that follows ``awaitable``: a coroutine run as a task of ours (stop: its cancel), or a future."""
+    inner = asyncio.ensure_future(awaitable)
+    call = Call()
+    inner.add_done_callback(partial(_settle, call))
+    return call, (None if inner is awaitable else inner.cancel)
+
+
+def _given_up(call: Call) -> bool:
+    """Whether the caller stopped waiting for ``call`` (so its end is still to come, or has come)."""
+    return call.cancelled() or isinstance(call.exception(), _Abandoned)
+
+
+def _settle(call: Call, inner: asyncio.Future[Any]) -> None:
+    error = BackendError("the backend call was cancelled") if inner.cancelled() else inner.exception()
+    if call.done():
+        call.end(error is not None)  # given up already: the call has now ended
+    elif error is not None:
+        call.set_exception(error)
+    else:
+        call.set_result(inner.result())
 
 
 def _check_count(name: str, value: object) -> int:
@@ -178,7 +196,7 @@ class Limiter:
         self._opened_at = 0.0
         self._probing = False
         self._abandoned = 0
-        self._ping: asyncio.Task[None] | None = None
+        self._ping_running = False  # a ping not answered yet (one abandoned at the budget included)
         # Logging: one line per state change, and at most one "still failing" line per interval.
         self._failing_since: float | None = None
         self._lost_logged = False
@@ -303,61 +321,53 @@ class Limiter:
             if self._failures or probe or self._failing_since is not None:
                 self._succeeded(probe)
             return outcome
-        return self._wait(outcome, probe, time.perf_counter())
+        if isinstance(outcome, Call):  # the backend's own: waited on directly
+            return self._wait(outcome, probe, time.perf_counter(), None)
+        call, stop = _follow(outcome)
+        return self._wait(call, probe, time.perf_counter(), stop)
 
-    async def _wait(self, pending: Awaitable[T], probe: bool, started: float) -> T:
-        """Wait for a backend call within the budget, then count its outcome.
-
-        A coroutine runs as a task of ours; a future is the backend's (RedisBackend's round trip), so
-        the request waits beside it, not on it, and never cancels it.
-        """
-        future = asyncio.ensure_future(pending)
-        if not future.done():
-            loop = asyncio.get_running_loop()
-            waiter: asyncio.Future[None] = loop.create_future()
-            future.add_done_callback(partial(_release, waiter))
-            timer = loop.call_later(self.timeout, _release, waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:  # the request went away: the call is abandoned all the same
-                self._abandon(future, probe, owned=future is not pending)
-                raise
-            finally:
-                timer.cancel()
-            if not future.done():
-                self._abandon(future, probe, owned=future is not pending)
-                self._raise_failure(
-                    _Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms"), probe, started
-                )
+    async def _wait(self, call: Call, probe: bool, started: float, stop: Callable[[], object] | None) -> Any:
+        """Wait for a backend call within the budget, then count its outcome."""
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._abandon, call, probe, stop)
         try:
-            result = future.result()
-        except Exception as exc:
+            result = await call
+        except asyncio.CancelledError:  # the request went away: the call is abandoned all the same
+            self._abandon(call, probe, stop)
+            raise
+        except Exception as exc:  # the backend's failure, or _Abandoned from _abandon at the budget
             self._raise_failure(exc, probe, started)
+        finally:
+            timer.cancel()
         if self.metrics is not None:
             self.metrics.backend_latency.observe(time.perf_counter() - started)
         if self._failures or probe or self._failing_since is not None:
             self._succeeded(probe)
         return result
 
-    def _abandon(self, future: asyncio.Future[Any], probe: bool, owned: bool) -> None:
-        """Count a call nobody waits for any more until it ends; stop it if it is our own task.
+    def _abandon(self, call: Call, probe: bool, stop: Callable[[], object] | None) -> None:
+        """Stop waiting for ``call`` and count it abandoned until the backend has ended it.
 
-        The breaker waits for a probe's outcome (up to the cooldown), not just the request's budget:
-        a cold first call after a restart (connect, load the script) may take longer than one
-        budget, and must not cost another whole cooldown.
+        ``stop`` (our own task's cancel) is called at once, or, for the probe, once the cooldown has
+        passed: the breaker waits for a probe's outcome, not just one request's budget, as a cold
+        first call after a restart (connect, load the script) may take longer than one budget.
         """
+        if call.done() and not call.cancelled():
+            return  # the backend has answered (or this call was abandoned already): nothing runs for it
+        if not call.done():
+            call.set_exception(_Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms"))
         self._abandoned += 1
-        future.add_done_callback(partial(self._abandoned_done, probe))
-        if owned:
+        call.on_end(partial(self._abandoned_done, probe))
+        if stop is not None:
             if probe:
-                asyncio.get_running_loop().call_later(max(self.breaker_cooldown, self.timeout), future.cancel)
+                asyncio.get_running_loop().call_later(max(self.breaker_cooldown, self.timeout), stop)
             else:
-                future.cancel()
+                stop()
 
-    def _abandoned_done(self, probe: bool, future: asyncio.Future[Any]) -> None:
+    def _ping_ended(self, failed: bool) -> None:
+        self._ping_running = False
+
+    def _abandoned_done(self, probe: bool, failed: bool) -> None:
         self._abandoned -= 1
-        # Retrieve the outcome, which has nobody else to go to, so asyncio does not warn.
-        failed = future.cancelled() or future.exception() is not None
         if not probe:
             return
         self._probing = False
@@ -383,24 +393,30 @@ class Limiter:
         Bypasses the breaker (a health check must see the backend itself), but never runs two
         pings at once: while an abandoned ping is still running, the next one fails at once.
         """
-        if self._ping is not None and not self._ping.done():
+        if self._ping_running:
             raise _Abandoned("the previous ping has not answered yet")
         started = time.perf_counter()
-        self._ping = ping = asyncio.ensure_future(self.backend.ping())
+        call, stop = _follow(self.backend.ping())
+        self._ping_running = True
+        timer = asyncio.get_running_loop().call_later(self.timeout, self._abandon, call, False, stop)
         try:
-            done, _ = await asyncio.wait([ping], timeout=self.timeout)
-        except asyncio.CancelledError:
-            self._abandon(ping, probe=False, owned=True)
+            await call
+        except (asyncio.CancelledError, _Abandoned):
+            self._abandon(call, False, stop)  # at the budget already, or the request went away now
+            if _given_up(call):
+                call.on_end(self._ping_ended)
+            else:
+                self._ping_running = False  # it had answered
             raise
-        if not done:
-            self._abandon(ping, probe=False, owned=True)
-            raise _Abandoned(f"the backend did not answer within {self.timeout * 1000:.0f} ms")
-        try:
-            ping.result()
         except BackendError:
+            self._ping_running = False
             raise
         except Exception as exc:
+            self._ping_running = False
             raise _wrap(exc) from exc
+        finally:
+            timer.cancel()
+        self._ping_running = False
         return time.perf_counter() - started
 
     # -- the breaker -----------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 from redis import exceptions as redis_errors
 
 from ._wire import WireCalls
+from .base import Call
 
 __all__ = ["ScriptCaller"]
 
@@ -32,7 +33,7 @@ MAX_BATCH = 256
 Args = Sequence[Any]
 Transform = Callable[[Any], Any]
 # One call waiting its turn: its arguments, its future, and what turns its reply into the future's result.
-Queued = tuple[Args, "asyncio.Future[Any]", Transform | None]
+Queued = tuple[Args, Call, Transform | None]
 
 
 class ScriptCaller:
@@ -60,16 +61,16 @@ class ScriptCaller:
         self._flushes: set[asyncio.Task[None]] = set()  # kept from the garbage collector while they run
         self.round_trips = 0  # observable by tests and benchmarks
 
-    def submit(self, numkeys: int, *args: Any, transform: Transform | None = None) -> asyncio.Future[Any]:
+    def submit(self, numkeys: int, *args: Any, transform: Transform | None = None) -> Call:
         """Start a call and return the future of its reply (passed through ``transform``), for a caller
         with a time budget.
 
         The round trip runs in a task of this caller's, never in the caller's own: a caller may
         stop waiting at its budget, or be cancelled, without cancelling any I/O (correctness rule
-        22).  A call whose future is done (abandoned) before its turn comes is never sent.
+        22).  A call whose future is done (abandoned) before its turn comes is never sent; either
+        way the Call is ended once nothing runs for it any more.
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        future = Call()
         call_args: Args = (numkeys, *args)
         if self.coalesce and self._in_flight >= self.max_in_flight:
             self._queue.append((call_args, future, transform))
@@ -82,9 +83,9 @@ class ScriptCaller:
         """Run the script with ``numkeys`` keys followed by the arguments; return its reply."""
         call_args: Args = (numkeys, *args)
         if self.coalesce and self._in_flight >= self.max_in_flight:
-            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-            self._queue.append((call_args, future, None))
-            return await future
+            queued = Call()
+            self._queue.append((call_args, queued, None))
+            return await queued
         self._in_flight += 1
         try:
             return await self._run_one(call_args)
@@ -121,6 +122,9 @@ class ScriptCaller:
             batch = self._queue[:MAX_BATCH]
             del self._queue[:MAX_BATCH]
             # Calls given up while they queued (their budget spent, their request gone) are not sent.
+            for _, given_up, _ in batch:
+                if given_up.done():
+                    given_up.end(True)
             batch = [call for call in batch if not call[1].done()]
             if batch:
                 self._in_flight += 1
@@ -178,8 +182,9 @@ class ScriptCaller:
         return list(await pipe.execute(raise_on_error=False))
 
 
-def _succeed(future: asyncio.Future[Any], result: Any, transform: Transform | None = None) -> None:
+def _succeed(future: Call, result: Any, transform: Transform | None = None) -> None:
     if future.done():  # the caller has given up (its budget, a disconnect)
+        future.end(False)
         return
     if transform is None:
         future.set_result(result)
@@ -192,8 +197,10 @@ def _succeed(future: asyncio.Future[Any], result: Any, transform: Transform | No
         future.set_result(value)
 
 
-def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
-    if not future.done():
-        future.set_exception(exc)
-        # Mark it retrieved: a caller that gave up must not make asyncio log "never retrieved".
-        future.exception()
+def _fail(future: Call, exc: BaseException) -> None:
+    if future.done():  # the caller has given up
+        future.end(True)
+        return
+    future.set_exception(exc)
+    # Mark it retrieved: a caller that gave up must not make asyncio log "never retrieved".
+    future.exception()

@@ -219,70 +219,35 @@ class RateLimitMiddleware:
                 await app(scope, receive, send)
                 return
 
+        hits: list[Hit] = []
+        spans: list[Span] = []  # (rule name, identity, number of hits) for metrics and logs
         slots: list[tuple[str, str, CompiledLimits]] | None = None  # (rule name, identity, limits) with a Concurrency
-        rule = matched[0]
-        if len(matched) == 1 and rule.from_scope is not None:
-            # The usual request: one rule that reads its key from the scope.  Its hits and header parts
-            # come straight from the compiled rule, without the general loop's bookkeeping.
-            scope_key, limits, cost = rule.from_scope
-            value = scope_key(scope)
-            if value is None:
-                await app(scope, receive, send)
-                return
-            identity = rule.identities.get(value) or rule.identity(value)  # no call for a key seen lately
-            hits: list[Hit] = []
+        policy_items: tuple[str, ...] = ()
+        item_names: tuple[str, ...] = ()
+        only: CompiledLimits | None = None  # the limits of the one rule applied, when only one is
+        fail_open = True  # the request fails open only when every applied rule does
+        for rule in matched:  # a loop, not a comprehension: most requests apply one rule
+            if rule.reads_scope:
+                resolved = rule.resolve_scope(scope)
+            else:
+                if request is None:
+                    request = _connection(scope, receive)
+                resolved = await rule.resolve(request)
+            if resolved is None:
+                continue  # the rule's key is None: it does not apply to this request
+            identity, limits, cost = resolved
             for policy in limits.policies:
                 hits.append((identity, policy, cost))
-            spans: list[Span] = [(rule.name, identity, len(limits.policies))]
-            policy_items = limits.policy_items
-            item_names = limits.item_names
-            policy_header: bytes | None = limits.policy_header
-            state_format = limits.state_format
+            spans.append((rule.name, identity, len(limits.policies)))
+            policy_items += limits.policy_items
+            item_names += limits.item_names
+            only = limits if len(spans) == 1 else None
             if limits.concurrency is not None:
-                slots = [(rule.name, identity, limits)]
-            fail_open = self.fail_open if rule.fail_open is None else rule.fail_open
-        else:
-            hits = []
-            spans = []  # (rule name, identity, number of hits) for metrics and logs
-            policy_items = ()
-            item_names = ()
-            fail_open = True  # the request fails open only when every applied rule does
-            policy_header = None
-            state_format = None
-            for rule in matched:
-                if rule.from_scope is not None:  # a built-in extractor, static limits, a whole-number cost
-                    scope_key, limits, cost = rule.from_scope
-                    value = scope_key(scope)
-                    if value is None:
-                        continue  # the rule does not apply to this request
-                else:
-                    if request is None:
-                        request = _connection(scope, receive)
-                    found = rule.key(request)
-                    if found.__class__ is not str and inspect.isawaitable(found):  # the common case costs one check
-                        found = await found
-                    if found is None:
-                        continue
-                    value = found
-                    limits = rule.limits_for(request)
-                    cost = rule.cost_for(request)
-                identity = rule.identity(value)
-                if rule.partition_secret is not None:  # this key's header items carry its pk
-                    limits = rule.partitioned(limits, identity)
-                for policy in limits.policies:
-                    hits.append((identity, policy, cost))
-                spans.append((rule.name, identity, len(limits.policies)))
-                policy_items += limits.policy_items
-                item_names += limits.item_names
-                # One rule's RateLimit-Policy value is joined ahead of time; several rules' are joined per request.
-                policy_header = limits.policy_header if len(spans) == 1 else None
-                state_format = limits.state_format if len(spans) == 1 else None
-                if limits.concurrency is not None:
-                    if slots is None:
-                        slots = []
-                    slots.append((rule.name, identity, limits))
-                if not (self.fail_open if rule.fail_open is None else rule.fail_open):
-                    fail_open = False
+                if slots is None:
+                    slots = []
+                slots.append((rule.name, identity, limits))
+            if not (self.fail_open if rule.fail_open is None else rule.fail_open):
+                fail_open = False
         if not hits and not slots:
             await app(scope, receive, send)
             return
@@ -322,9 +287,11 @@ class RateLimitMiddleware:
             await self._deny(scope, receive, send, request, decisions, item_names, headers)
             return
         # Allowed (or a dry run): never a Retry-After on a response the app produces.
-        if state_format is not None and policy_header is not None and not denied and self._ietf:
-            headers = one_limit_headers(policy_header, state_format, decisions[0])  # the usual response
+        if only is not None and only.state_format is not None and not denied and self._ietf:
+            headers = one_limit_headers(only.policy_header, only.state_format, decisions[0])  # the usual response
         else:
+            # One rule's RateLimit-Policy value is joined ahead of time; several rules' are joined here.
+            policy_header = None if only is None else only.policy_header
             headers = rate_limit_headers(
                 decisions, policy_items, item_names, self.header_mode, denied=False, policy_header=policy_header
             )

@@ -32,6 +32,7 @@ from .policies import ALGORITHMS, Concurrency, Policy, parse_limits
 __all__ = [
     "ENDPOINT_RULES",
     "CompiledLimits",
+    "Resolved",
     "Rule",
     "bypassed_endpoint",
     "endpoints_marked",
@@ -67,6 +68,10 @@ class CompiledLimits:
     concurrency_name: str = ""  # its name as an RFC 9651 String
     policy_header: bytes = b""  # the RateLimit-Policy value of the policies alone, joined and encoded
     state_format: bytes | None = None  # one policy: its RateLimit value as a %-format of (remaining, t)
+
+
+#: What a rule applies to one request: the identity it counts under, its limits, and the units taken.
+Resolved = tuple[str, CompiledLimits, int]
 
 
 def _default_key() -> KeyFunc:
@@ -151,7 +156,6 @@ class Rule:
         self.key: KeyFunc = _default_key() if key is None else key
         if not callable(self.key):
             raise ConfigurationError(f"{label}: key must be a callable of the request, got {key!r}.")
-        self.key_is_async = _is_async(self.key)
         self.methods: frozenset[str] | None = None
         if methods is not None:
             if isinstance(methods, str):
@@ -190,20 +194,45 @@ class Rule:
             self.static = self.compile_limits(limits)
         #: key -> identity, for the keys seen lately (see identity()).
         self.identities: dict[str, str] = {}
-        #: (scope key, limits, cost) when the rule calls no user code: its key, limits and cost need no Request,
-        #: and its header items are the same for every key (no pk).
-        self.from_scope: tuple[Callable[[Scope], str | None], CompiledLimits, int] | None = None
-        scope_key = scope_reader(self.key)  # a built-in extractor reads the scope alone
-        if (
-            scope_key is not None
-            and self.static is not None
-            and isinstance(self.cost, int)
-            and self.partition_secret is None
-        ):
-            self.from_scope = (scope_key, self.static, self.cost)
+        # A built-in extractor reads the scope alone: with static limits and a whole-number cost, the rule
+        # calls no user code and needs no Request (see resolve_scope).
+        scope_key = scope_reader(self.key)
+        self._scope_key = scope_key if self.static is not None and isinstance(self.cost, int) else None
+        self._fixed_cost = self.cost if isinstance(self.cost, int) else 0
+        #: Whether resolve_scope() decides what the rule applies; else resolve() does, given the Request.
+        self.reads_scope = self._scope_key is not None
 
     def __repr__(self) -> str:
         return f"Rule({self.path!r}, name={self.name!r})"
+
+    def resolve_scope(self, scope: Scope) -> Resolved | None:
+        """What the rule applies to the request of ``scope``: (identity, limits, cost), or None when its key is None.
+
+        For a rule that ``reads_scope``: its key comes from a built-in extractor, its limits and cost are fixed.
+        """
+        assert self._scope_key is not None and self.static is not None
+        value = self._scope_key(scope)
+        if value is None:
+            return None
+        identity = self.identities.get(value) or self.identity(value)  # no call for a key seen lately
+        limits = self.static if self.partition_secret is None else self.partitioned(self.static, identity)
+        return identity, limits, self._fixed_cost
+
+    async def resolve(self, request: HTTPConnection) -> Resolved | None:
+        """What the rule applies to ``request``: (identity, limits, cost), or None when its key is None.
+
+        Calls the rule's user code (a key, limits or cost callable); rules that ``reads_scope`` need none.
+        """
+        found = self.key(request)
+        if found.__class__ is not str and inspect.isawaitable(found):  # the common case costs one check
+            found = await found
+        if found is None:
+            return None
+        identity = self.identity(found)
+        limits = self.limits_for(request)
+        if self.partition_secret is not None:  # this key's header items carry its pk
+            limits = self.partitioned(limits, identity)
+        return identity, limits, self.cost_for(request)
 
     def identity(self, key: str) -> str:
         """What the backend counts ``key`` under for this rule: two rules never share a key's counts.

@@ -44,6 +44,9 @@ from asgi_ratelimit.fastapi import RateLimit, RateLimitExceeded
 
 # -- the users a Depends chain resolves ---------------------------------------------------------
 
+# Tests of answers, not of the time budget: a loaded machine must not turn a decision into a fail-open.
+TIMEOUT = 2.0
+
 
 def current_user(authorization: str | None = HeaderParam(default=None)) -> str | None:
     """A toy authentication: ``Authorization: User <name>``; None for an anonymous request."""
@@ -164,7 +167,7 @@ class TestInProcess:
         async def two() -> str:
             return "two"
 
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=2.0, registry=CollectorRegistry())
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT, registry=CollectorRegistry())
         async with client_for(app) as client:
             statuses = [(await client.get(path, headers={"x-client": "c"})).status_code for path in ("/one", "/two")]
             third = await client.get("/one", headers={"x-client": "c"})
@@ -239,7 +242,7 @@ class TestInProcess:
         async def other_root() -> str:
             return "ok"
 
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend, registry=CollectorRegistry())
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT, registry=CollectorRegistry())
         other.add_middleware(RateLimitMiddleware, backend=MemoryBackend(), rules=[rule], registry=CollectorRegistry())
         async with client_for(app) as client, client_for(other) as by_rule:
             got = await client.get("/", headers={"x-user": "a"})
@@ -260,7 +263,9 @@ class TestInProcess:
         async def work() -> str:
             return "ok"
 
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend, exempt=["/health"], registry=CollectorRegistry())
+        app.add_middleware(
+            RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT, exempt=["/health"], registry=CollectorRegistry()
+        )
         async with client_for(app) as client:
             health_statuses = [(await client.get("/health", headers={"x-user": "a"})).status_code for _ in range(3)]
             work_statuses = [(await client.get("/work", headers={"x-user": "a"})).status_code for _ in range(2)]
@@ -275,7 +280,7 @@ class TestInProcess:
         async def root() -> str:
             return "ok"
 
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend, registry=CollectorRegistry())
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT, registry=CollectorRegistry())
         async with client_for(app) as client:
             assert [(await client.get("/", headers={"x-user": "a"})).status_code for _ in range(2)] == [200, 429]
             app.dependency_overrides[limit] = lambda: None
@@ -323,7 +328,7 @@ class TestWebsocket:
             await websocket.send_text("hello")
             await websocket.close()
 
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=2.0, registry=CollectorRegistry())
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT, registry=CollectorRegistry())
 
         async def handshake(user: str) -> list[Message]:
             channel = Channel({"type": "websocket.connect"})

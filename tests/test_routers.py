@@ -24,6 +24,9 @@ from test_uvicorn import closing, serve
 
 from asgi_ratelimit import Backend, RateLimitMiddleware, Rule, rate_limit
 
+# Tests of answers, not of the time budget: a loaded machine must not turn a decision into a fail-open.
+TIMEOUT = 2.0
+
 
 def by_user(request: HTTPConnection) -> str | None:
     return request.headers.get("x-user")
@@ -37,7 +40,7 @@ async def statuses(app: Any, path: str, count: int = 3, user: str = "ann", **kwa
 def fastapi_app(backend: Backend, build: Any) -> FastAPI:
     app = FastAPI()
     build(app)
-    app.add_middleware(RateLimitMiddleware, backend=backend)
+    app.add_middleware(RateLimitMiddleware, backend=backend, timeout=TIMEOUT)
     return app
 
 
@@ -128,7 +131,7 @@ class TestFastAPIRouters:
 
     async def test_routes_added_after_the_middleware(self, mw_backend: Backend) -> None:
         app = FastAPI()
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend)
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT)
         router = APIRouter()
 
         @router.get("/late")
@@ -152,7 +155,10 @@ class TestFastAPIRouters:
         app = FastAPI()
         app.include_router(router)
         app.add_middleware(
-            RateLimitMiddleware, backend=mw_backend, rules=[Rule("/{p:path}", "10/minute", key=by_user, name="all")]
+            RateLimitMiddleware,
+            backend=mw_backend,
+            timeout=TIMEOUT,
+            rules=[Rule("/{p:path}", "10/minute", key=by_user, name="all")],
         )
         async with client_for(app) as client:
             response = await client.get("/both", headers={"x-user": "a"})
@@ -170,7 +176,7 @@ class TestStarletteRouting:
         app = Starlette(
             routes=[Host("api.example.com", app=api), Mount("/api", app=api)],
         )
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend)
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.example.com") as c:
             by_host = [(await c.get("/v1/things/a", headers={"x-user": "u"})).status_code for _ in range(2)]
         assert by_host == [200, 429]
@@ -179,7 +185,7 @@ class TestStarletteRouting:
 
     async def test_a_route_added_after_the_middleware(self, mw_backend: Backend) -> None:
         app = Starlette()
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend)
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT)
 
         @rate_limit("1/minute", key=by_user)
         async def late(request: Request) -> PlainTextResponse:
@@ -194,7 +200,7 @@ class TestStarletteRouting:
             return PlainTextResponse("ok")
 
         app = Starlette(routes=[Route("/health", health)])
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend, exempt=["/health"])
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT, exempt=["/health"])
         assert await statuses(app, "/health", 3) == [200, 200, 200]
 
 
@@ -209,7 +215,7 @@ class TestSaidLoudly:
         async def upside_down() -> str:
             return "x"
 
-        app.add_middleware(RateLimitMiddleware, backend=mw_backend)
+        app.add_middleware(RateLimitMiddleware, backend=mw_backend, timeout=TIMEOUT)
         with caplog.at_level(logging.ERROR, logger="asgi_ratelimit"):
             assert await statuses(app, "/upside-down", 2) == [200, 200]
         errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]

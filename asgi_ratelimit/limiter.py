@@ -301,6 +301,16 @@ class Limiter:
         if self.deny_cache is not None:
             self.deny_cache.forget(key)
 
+    async def check(self, method: Callable[[Sequence[Hit]], Coroutine[Any, Any, T]], hits: Sequence[Hit]) -> T:
+        """``method(hits)`` (a backend's check, which spends nothing) within the budget, behind the breaker."""
+        return await self._guarded(method, hits)
+
+    def check_in_process(
+        self, method: Callable[[Sequence[Hit]], list[Decision]], hits: Sequence[Hit]
+    ) -> list[Decision]:
+        """check() for MemoryBackend's synchronous check_now, behind the breaker as decide_in_process is."""
+        return self._decide_in_process(method, hits)
+
     @property
     def in_process(self) -> bool:
         """Whether decide_in_process() may be called: the backend is exactly a MemoryBackend."""

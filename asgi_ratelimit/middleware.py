@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._charging import Settler, settling
 from ._context import Refusal, current_guard
 from ._scope import route_path
 from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
@@ -140,6 +141,8 @@ class RateLimitMiddleware:
                 raise ConfigurationError(f"exempt must be a list of paths or a predicate, got {exempt!r}.")
             self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
         self._deny_bodies: dict[tuple[tuple[str, ...], int, bool], bytes] = {}  # 429 bodies already built
+        self._settler = Settler(self)  # for rules with counts= or charge=
+        self._settler.check_backend(self.rules)
 
     def _add_rule(self, rule: Rule) -> None:
         if any(existing.name == rule.name for existing in self.rules):
@@ -250,6 +253,12 @@ class RateLimitMiddleware:
                 fail_open = False
         if not hits and not slots:
             await app(scope, receive, send)
+            return
+        if settling() and scope["type"] == "http" and not slots and any(rule.settlement for rule in matched):
+            # A rule counts by outcome or charges what the response cost: checked now, charged after.
+            await self._settler.run(
+                app, scope, receive, send, request, matched, hits, spans, policy_items, item_names, fail_open, guard
+            )
             return
         if slots:
             # The rate limits and the slots are decided together, in one backend call.

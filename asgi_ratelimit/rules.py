@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, Union, cast
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 from starlette.types import Scope
 
+from ._charging import settlement_for
 from ._context import current_guard
 from ._partition import partition_key, partition_secret
+from .charging import ChargeSource
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
 from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
@@ -96,6 +99,12 @@ class Rule:
         fail_open: overrides the middleware's ``fail_open`` for this rule when not None.
         quota_unit: what the cost counts, as RateLimit-Policy's ``qu`` says: ``"requests"`` (the
             default, not sent) or ``"content-bytes"`` (a cost callable that returns the request's size).
+        counts: a predicate of the response status (or of status and headers) saying whether a response
+            spends quota; the request is then checked without spending before the app runs (see
+            docs/charging.md).  Default None: every request spends up front.
+        charge: where the cost comes from once the response shows it: ``ResponseHeader(name)``,
+            ``BodyBytes()`` or ``FromState(name)``; with ``cost=`` that estimate is spent up front and
+            the excess charged after.  Default None.
         partition_key: add ``pk``, an opaque keyed hash of the client's key, to the rule's header
             items: ``True`` with a random secret of this process, or a secret (at least 16 bytes)
             shared by every process that counts together.  Default False.
@@ -109,11 +118,13 @@ class Rule:
         key: KeyFunc | None = None,
         methods: Iterable[str] | None = None,
         algorithm: str = "sliding_window",
-        cost: int | CostFunc = 1,
+        cost: int | CostFunc | None = None,
         name: str | None = None,
         fail_open: bool | None = None,
         quota_unit: str = "requests",
         partition_key: bool | bytes | str = False,
+        counts: Callable[[int], bool] | Callable[[int, Headers], bool] | None = None,
+        charge: ChargeSource | None = None,
     ) -> None:
         self.path = path
         self.exact_path: str | None = None
@@ -166,6 +177,9 @@ class Rule:
                 raise ConfigurationError(f"{label}: unknown HTTP method(s) {sorted(unknown)!r}.")
             # A GET route answers HEAD too; limit both alike.
             self.methods = upper | {"HEAD"} if "GET" in upper else upper
+        cost_given = cost is not None
+        if cost is None:
+            cost = 1
         if callable(cost) and not isinstance(cost, (int, bool)):
             self.cost: int | CostFunc = cost
         elif isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
@@ -201,6 +215,10 @@ class Rule:
         self._fixed_cost = self.cost if isinstance(self.cost, int) else 0
         #: Whether resolve_scope() decides what the rule applies; else resolve() does, given the Request.
         self.reads_scope = self._scope_key is not None
+        #: How the rule is charged after the response (counts= or charge=); None: it spends up front.
+        self.settlement = settlement_for(
+            label, counts, charge, cost_given, self.static is not None and self.static.concurrency is not None
+        )
 
     def __repr__(self) -> str:
         return f"Rule({self.path!r}, name={self.name!r})"

@@ -1,0 +1,552 @@
+"""Rules that charge what a request really cost: counted by outcome (``counts=``), or priced by its response.
+
+Before the app runs, such a rule's key is checked without spending (refused only when it is out of
+quota already), or its up-front estimate (``cost=`` with ``charge=``) is spent.  Once the response
+shows the cost, it is charged, even past the limit: the key then owes it (a token bucket or GCRA
+refuses until the refill has paid it back, a window counts it).  A charge known at the response start
+(``counts=`` alone, or ``ResponseHeader``) is made before the start goes out, so the response's headers
+show the state after it; one known only at the end (``BodyBytes``, ``FromState``) just before the
+last body part goes out, so the client's next request meets it.
+
+A charge is not given up on a Redis blip: the first attempt is awaited within the limiter's budget,
+then retried in the background, with a growing pause, until it gets through or the longest window
+of its policies has passed (a charge later than that would count against a window it was not made
+in).  It does not go through the circuit breaker: nothing waits on it.  hit.lua's charge ledger
+remembers each request's token, so a charge sent again after its reply was lost takes nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from prometheus_client import CollectorRegistry, Counter
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .backends.base import Charged, ChargingBackend, Hit, new_token
+from .backends.memory import MemoryBackend
+from .charging import BodyBytes, ChargeSource, FromState, ResponseHeader
+from .errors import BackendError, ConfigurationError
+from .headers import rate_limit_headers
+from .policies import MICROS, Decision
+
+if TYPE_CHECKING:
+    from starlette.requests import HTTPConnection
+
+    from .limiter import Span
+    from .middleware import RateLimitMiddleware, _Guard
+    from .rules import Rule
+
+__all__ = ["Settlement", "Settler", "settlement_for", "settling"]
+
+logger = logging.getLogger("asgi_ratelimit")
+
+#: A ``counts=`` predicate, called as (status, headers) whatever the user's takes.
+Counts = Callable[[int, Headers], bool]
+
+FIRST_PAUSE: Final = 0.02  # seconds before the first retry of a charge
+MOST_PAUSE: Final = 0.5
+MAX_PENDING: Final = 10_000
+FAILED_STATUS: Final = 500  # what a response that failed before its start is counted as
+
+_any_settling = False  # set once a Rule with counts= or charge= exists: until then no request looks
+
+
+def settling() -> bool:
+    """Whether any Rule counts by outcome or charges after the response (the middleware asks no more otherwise)."""
+    return _any_settling
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """How one rule is charged after the response."""
+
+    counts: Counts | None  # None: every response counts
+    source: ChargeSource | None  # None: the rule's cost, for a response that counts
+    estimate: bool  # cost= was given with charge=: spent up front, the excess charged after
+
+    @property
+    def known_at_start(self) -> bool:
+        """Whether the charge is known once the response starts (else: when its body ends)."""
+        return self.source is None or isinstance(self.source, ResponseHeader)
+
+
+def settlement_for(
+    label: str, counts: object, charge: object, cost_given: bool, has_concurrency: bool
+) -> Settlement | None:
+    """Validate a Rule's ``counts=`` and ``charge=``; None when it has neither."""
+    global _any_settling
+    if counts is None and charge is None:
+        return None
+    if charge is not None and not isinstance(charge, (ResponseHeader, BodyBytes, FromState)):
+        raise ConfigurationError(
+            f"{label}: charge must be ResponseHeader(...), BodyBytes() or FromState(...), got {charge!r}."
+        )
+    predicate: Counts | None = None
+    if counts is not None:
+        predicate = _predicate(label, counts)
+    if has_concurrency:
+        raise ConfigurationError(
+            f"{label}: a Concurrency limit cannot be charged after the response; give it a rule of its own."
+        )
+    _any_settling = True
+    return Settlement(predicate, charge, charge is not None and cost_given)
+
+
+def _predicate(label: str, counts: object) -> Counts:
+    if not callable(counts):
+        raise ConfigurationError(
+            f"{label}: counts must be a callable of the status (or status, headers), got {counts!r}."
+        )
+    try:
+        parameters = [
+            p
+            for p in inspect.signature(counts).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+    except (TypeError, ValueError):
+        parameters = []
+    if inspect.iscoroutinefunction(counts):
+        raise ConfigurationError(f"{label}: counts must be a plain function, not async, got {counts!r}.")
+    if len(parameters) == 2:
+        return cast(Counts, counts)
+    if len(parameters) == 1:
+        one = cast(Callable[[int], bool], counts)
+        return lambda status, headers: one(status)
+    raise ConfigurationError(
+        f"{label}: counts must take the status, or the status and the headers, got {counts!r} "
+        f"taking {len(parameters)} arguments."
+    )
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+class ChargeMetrics:
+    """Checks, charges and debt per rule."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.checks = Counter(
+            "asgi_ratelimit_checks",
+            "Requests of counting or charging rules checked before the app ran (nothing spent), by result.",
+            ["rule", "result"],
+            registry=registry,
+        )
+        self.charges = Counter(
+            "asgi_ratelimit_charges",
+            "Charges made after the response, by result: charged, in_debt (the key owes after it), "
+            "retried (got through after a retry), lost (given up at the end of the window).",
+            ["rule", "result"],
+            registry=registry,
+        )
+        self.units = Counter(
+            "asgi_ratelimit_charged_units",
+            "Units charged after the response (beyond any estimate).",
+            ["rule"],
+            registry=registry,
+        )
+        self.debt = Counter(
+            "asgi_ratelimit_debt_units",
+            "Units charged past a key's remaining quota: what keys were left owing, summed.",
+            ["rule"],
+            registry=registry,
+        )
+
+
+_METRICS: dict[int, tuple[CollectorRegistry, ChargeMetrics]] = {}
+
+
+def _metrics_for(registry: CollectorRegistry) -> ChargeMetrics:
+    found = _METRICS.get(id(registry))
+    if found is None or found[0] is not registry:
+        found = _METRICS[id(registry)] = (registry, ChargeMetrics(registry))
+    return found[1]
+
+
+# -- charges retried in the background -------------------------------------------------
+
+
+@dataclass
+class _Charge:
+    hits: Sequence[Hit]
+    names: tuple[str, ...]  # the rule of each hit, for metrics
+    token: str
+    remember_us: int
+    deadline: float  # monotonic seconds
+    attempt: asyncio.Future[Charged] | None
+
+
+class PendingCharges:
+    """Charges that did not get through within the budget, sent again until they do or their window has passed."""
+
+    def __init__(self, backend: ChargingBackend, on_done: Callable[[_Charge, Charged | None], None]) -> None:
+        self.backend = backend
+        self._on_done = on_done
+        self._pending: dict[str, _Charge] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def add(self, charge: _Charge) -> None:
+        if len(self._pending) >= MAX_PENDING:
+            oldest = next(iter(self._pending))
+            self._on_done(self._pending.pop(oldest), None)
+        self._pending[charge.token] = charge
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def wait(self) -> None:
+        """Until nothing is pending (tests and shutdown)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.wait([self._task])
+
+    async def _run(self) -> None:
+        pause = FIRST_PAUSE
+        while self._pending:
+            now = time.monotonic()
+            for token in [token for token, charge in self._pending.items() if charge.deadline <= now]:
+                charge = self._pending.pop(token)
+                if charge.attempt is not None:
+                    charge.attempt.add_done_callback(_retrieve)
+                self._on_done(charge, None)
+            batch = list(self._pending.values())[:64]
+            outcomes = await asyncio.gather(*(self._attempt(charge) for charge in batch), return_exceptions=True)
+            progress = False
+            for charge, outcome in zip(batch, outcomes, strict=True):
+                if self._pending.get(charge.token) is not charge:
+                    continue
+                if isinstance(outcome, BaseException):
+                    charge.attempt = None  # sent again next round
+                else:
+                    del self._pending[charge.token]
+                    self._on_done(charge, outcome)
+                    progress = True
+            if self._pending:
+                await asyncio.sleep(pause)
+                pause = FIRST_PAUSE if progress else min(pause * 2, MOST_PAUSE)
+
+    async def _attempt(self, charge: _Charge) -> Charged:
+        if charge.attempt is not None:
+            return await charge.attempt  # the first attempt, still under way: its outcome counts
+        return await self.backend.charge(charge.hits, charge.token, charge.remember_us)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+# -- the request path ------------------------------------------------------------------
+
+
+@dataclass
+class _Part:
+    """One settling rule of a request: its hits' indexes, and what is known of its charge so far."""
+
+    name: str
+    settlement: Settlement
+    indexes: range
+    cost: int  # the rule's cost (counts= alone), or its estimate (charge= with cost=)
+
+
+class Settler:
+    """Runs the requests that apply a counting or charging rule, for one middleware."""
+
+    def __init__(self, middleware: RateLimitMiddleware) -> None:
+        self.middleware = middleware
+        self.limiter = middleware.limiter
+        backend = self.limiter.backend
+        self.backend: ChargingBackend | None = backend if isinstance(backend, ChargingBackend) else None
+        self._now: Callable[[Sequence[Hit], str, int], Charged] | None = (
+            backend.charge_now if type(backend) is MemoryBackend else None
+        )
+        self.metrics = None if self.limiter.metrics is None else _metrics_for(self.limiter.metrics.registry)
+        self.pending = None if self.backend is None else PendingCharges(self.backend, self._finished_later)
+
+    def check_backend(self, rules: Sequence[Rule]) -> None:
+        """Raise ConfigurationError when a rule settles after the response on a backend that cannot."""
+        for rule in rules:
+            if rule.settlement is not None and self.backend is None:
+                raise ConfigurationError(
+                    f"Rule {rule.name!r}: counts= and charge= need a backend with check() and charge() "
+                    f"(MemoryBackend or RedisBackend), got {self.limiter.backend!r}."
+                )
+
+    async def run(
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: HTTPConnection | None,
+        matched: Sequence[Rule],
+        hits: list[Hit],
+        spans: list[Span],
+        policy_items: tuple[str, ...],
+        item_names: tuple[str, ...],
+        fail_open: bool,
+        guard: _Guard | None,
+    ) -> None:
+        """Check (or spend the estimate) before the app runs, run it, and charge what its response cost."""
+        middleware = self.middleware
+        if self.backend is None:
+            self.check_backend(matched)
+        by_name = {rule.name: rule for rule in matched}
+        parts: list[_Part] = []
+        spend: list[int] = []  # hits spent up front: other rules', and estimates
+        checked: list[Hit] = []  # every hit, as a check sees it (a charge= rule's: one unit)
+        start = 0
+        for name, _, size in spans:
+            indexes = range(start, start + size)
+            start += size
+            settlement = by_name[name].settlement
+            if settlement is None or settlement.estimate:
+                spend += indexes
+                checked += hits[indexes.start : indexes.stop]
+            else:
+                checked += [
+                    (identity, policy, 1 if settlement.source else cost)
+                    for identity, policy, cost in hits[indexes.start : indexes.stop]
+                ]
+            if settlement is not None:
+                parts.append(_Part(name, settlement, indexes, hits[indexes.start][2]))
+        try:
+            if len(spend) < len(hits):
+                decisions = await self._check(checked)
+                self._count_checks(parts, decisions)
+            else:
+                decisions = []
+            if all(decision.allowed for decision in decisions) and spend:
+                spent = await self.limiter.decide([hits[index] for index in spend])
+                if decisions:
+                    for index, decision in zip(spend, spent, strict=True):
+                        decisions[index] = decision
+                else:
+                    decisions = spent
+        except BackendError:
+            self.limiter.count_failure(spans, fail_open)
+            if not fail_open:
+                await middleware._unavailable(scope, receive, send)
+                return
+            decisions = []  # failed open: the app runs, and its charge is still made (or retried)
+        denied = not all(decision.allowed for decision in decisions)
+        if decisions:
+            self.limiter.count_decisions(spans, decisions, middleware.dry_run)
+        if denied and not middleware.dry_run:
+            headers = rate_limit_headers(decisions, policy_items, item_names, middleware.header_mode, denied=True)
+            await middleware._deny(scope, receive, send, request, decisions, item_names, headers)
+            return
+        await self._run_app(app, scope, receive, send, guard, hits, parts, decisions, policy_items, item_names)
+
+    async def _check(self, hits: list[Hit]) -> list[Decision]:
+        limiter = self.limiter
+        assert self.backend is not None
+        if self._now is not None:
+            backend = cast(MemoryBackend, limiter.backend)
+            return limiter.check_in_process(backend.check_now, hits)
+        return await limiter.check(self.backend.check, hits)
+
+    async def _run_app(
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        guard: _Guard | None,
+        hits: list[Hit],
+        parts: list[_Part],
+        decisions: list[Decision],
+        policy_items: tuple[str, ...],
+        item_names: tuple[str, ...],
+    ) -> None:
+        from .middleware import _with_headers
+
+        middleware = self.middleware
+        token = new_token()
+        state: dict[str, Any] = scope.setdefault("state", {})  # shared with the app's request.state
+        status: int | None = None
+        response_headers: Headers | None = None
+        header_costs: dict[str, int | None] = {}
+        sent = 0
+        charged_at_start = False
+        finished = False
+        strip = {
+            part.settlement.source.raw
+            for part in parts
+            if isinstance(part.settlement.source, ResponseHeader) and not part.settlement.source.keep
+        }
+
+        def costs(at_end: bool) -> list[tuple[int, str, Hit]]:
+            """(index among the request's hits, rule name, hit) to charge for the parts settled now."""
+            charged: list[tuple[int, str, Hit]] = []
+            for part in parts:
+                settlement = part.settlement
+                if settlement.known_at_start == at_end:
+                    continue
+                if settlement.counts is not None and not settlement.counts(
+                    status or FAILED_STATUS, response_headers or Headers()
+                ):
+                    continue
+                source = settlement.source
+                if source is None:
+                    amount = part.cost
+                elif isinstance(source, ResponseHeader):
+                    amount = header_costs.get(part.name) or 0
+                elif isinstance(source, BodyBytes):
+                    amount = sent
+                else:
+                    amount = _whole(state.get(source.name), part.name, source)
+                if settlement.estimate:
+                    amount -= part.cost  # the estimate is spent already; a smaller cost is not refunded
+                if amount > 0:
+                    for index in part.indexes:
+                        identity, policy, _ = hits[index]
+                        charged.append((index, part.name, (identity, policy, amount)))
+            return charged
+
+        async def settling_send(message: Message) -> None:
+            nonlocal status, response_headers, sent, charged_at_start, finished
+            kind = message["type"]
+            if kind == "http.response.start":
+                status = int(message["status"])
+                raw = list(message.get("headers") or [])
+                response_headers = Headers(raw=raw)
+                for part in parts:
+                    source = part.settlement.source
+                    if isinstance(source, ResponseHeader):
+                        header_costs[part.name] = _whole(response_headers.get(source.name), part.name, source)
+                if strip:
+                    message = {**message, "headers": [(n, v) for n, v in raw if n.lower() not in strip]}
+                charged_at_start = True
+                after = await self._charge(costs(at_end=False), token + "s")
+                shown = list(decisions)
+                if shown:  # else the check failed open: no headers
+                    for index, decision in after:
+                        shown[index] = decision
+                headers = (
+                    rate_limit_headers(shown, policy_items, item_names, middleware.header_mode, denied=False)
+                    if shown
+                    else []
+                )
+                await _with_headers(send, headers, guard)(message)
+                return
+            if kind == "http.response.body":
+                body = message.get("body", b"")
+                if not message.get("more_body", False) and not finished:
+                    sent += len(body)
+                    finished = True
+                    await self._charge(costs(at_end=True), token + "e")
+                    await send(message)
+                    return
+                await send(message)
+                sent += len(body)
+                return
+            await send(message)
+
+        try:
+            await app(scope, receive, settling_send)
+        finally:
+            # The app failed, or the client went away, before the response was complete: charged as a
+            # status 500 when it never started, with the bytes that did go out.
+            if not charged_at_start:
+                charged_at_start = True
+                await self._charge(costs(at_end=False), token + "s")
+            if not finished:
+                finished = True
+                await self._charge(costs(at_end=True), token + "e")
+
+    async def _charge(self, charged: list[tuple[int, str, Hit]], token: str) -> list[tuple[int, Decision]]:
+        """Make a charge within the budget: the Decisions after it, by index among the request's hits.
+
+        None are known when there was nothing to charge, or the charge did not get through in time: then it
+        goes on in the background.
+        """
+        if not charged:
+            return []
+        assert self.backend is not None
+        hits = [hit for _, _, hit in charged]
+        names = tuple(name for _, name, _ in charged)
+        windows = max(policy.window_seconds for _, policy, _ in hits)
+        # The ledger remembers the token for as long as a retry may come, and the last round trip may take.
+        charge = _Charge(hits, names, token, (2 * windows + 5) * MICROS, time.monotonic() + windows, None)
+        if self._now is not None:
+            result = self._now(hits, token, charge.remember_us)
+        else:
+            attempt = asyncio.ensure_future(self.backend.charge(hits, token, charge.remember_us))
+            try:
+                await asyncio.wait([attempt], timeout=self.limiter.timeout)
+            except asyncio.CancelledError:
+                charge.attempt = attempt
+                self._later(charge)
+                raise
+            if not attempt.done() or attempt.cancelled() or attempt.exception() is not None:
+                charge.attempt = attempt if not attempt.done() else None
+                if charge.attempt is None:
+                    _retrieve(attempt)
+                self._later(charge)
+                return []
+            result = attempt.result()
+        self._count(charge, result, retried=False)
+        return [(index, decision) for (index, _, _), decision in zip(charged, result[0], strict=True)]
+
+    def _later(self, charge: _Charge) -> None:
+        assert self.pending is not None
+        self.pending.add(charge)
+
+    def _finished_later(self, charge: _Charge, result: Charged | None) -> None:
+        if result is None:
+            if self.metrics is not None:
+                for name in dict.fromkeys(charge.names):
+                    self.metrics.charges.labels(name, "lost").inc()
+            logger.warning(
+                "asgi_ratelimit: a charge after the response was given up: the backend did not take it within "
+                "the window of its policies"
+            )
+            return
+        self._count(charge, result, retried=True)
+
+    def _count(self, charge: _Charge, result: Charged, retried: bool) -> None:
+        metrics = self.metrics
+        if metrics is None:
+            return
+        decisions, _ = result
+        for name in dict.fromkeys(charge.names):
+            owes = any(
+                not decision.allowed for decision, owner in zip(decisions, charge.names, strict=True) if owner == name
+            )
+            units = max(cost for (_, _, cost), owner in zip(charge.hits, charge.names, strict=True) if owner == name)
+            metrics.charges.labels(name, "retried" if retried else ("in_debt" if owes else "charged")).inc()
+            metrics.units.labels(name).inc(units)
+        if result[1]:
+            metrics.debt.labels(charge.names[0]).inc(result[1])
+
+    def _count_checks(self, parts: list[_Part], decisions: list[Decision]) -> None:
+        if self.metrics is None:
+            return
+        for part in parts:
+            if part.settlement.estimate:
+                continue
+            allowed = all(decisions[index].allowed for index in part.indexes)
+            self.metrics.checks.labels(part.name, "allowed" if allowed else "denied").inc()
+
+
+def _whole(value: object, name: str, source: ChargeSource) -> int:
+    """A reported cost as a whole number; 0 (logged) when the app reported none, or not a number."""
+    if isinstance(value, (str, bytes)):
+        with contextlib.suppress(ValueError):
+            value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if value is not None:
+        logger.warning(
+            "asgi_ratelimit: rule %r: %r reported %r, not a whole number; nothing charged", name, source, value
+        )
+    return 0

@@ -1,0 +1,265 @@
+"""Rules that count by outcome (counts=) and charge what the response cost (charge=), in process, on both backends.
+
+Backends as an application runs them (MemoryBackend; RedisBackend on the machine's Redis), with the clock moved
+by hand where a wait is the point (Redis then in client-clock mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from conftest import ManualClock, parse_sf_list
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from asgi_ratelimit import (
+    GCRA,
+    BodyBytes,
+    ConfigurationError,
+    FromState,
+    Header,
+    MemoryBackend,
+    RateLimitMiddleware,
+    ResponseHeader,
+    Rule,
+    TokenBucket,
+)
+
+PASSWORD = "right horse battery staple"
+
+
+def login_rule(**extra: Any) -> Rule:
+    return Rule(
+        "/login",
+        "5 per 15 minutes",
+        key=Header("x-account"),
+        methods=["POST"],
+        counts=lambda status: status in (401, 403),
+        **extra,
+    )
+
+
+async def login(request: Request) -> Response:
+    body = await request.body()
+    return PlainTextResponse("welcome") if body.decode() == PASSWORD else PlainTextResponse("no", status_code=401)
+
+
+def tokens_app(**extra: Any) -> Starlette:
+    """An LLM-like endpoint: streams its answer and knows the tokens it used only at the end."""
+
+    async def complete(request: Request) -> Response:
+        used = int(request.query_params.get("tokens", "100"))
+
+        async def words() -> AsyncIterator[bytes]:
+            yield b"thinking... "
+            await asyncio.sleep(0)
+            request.state.tokens = used  # known once the answer is done
+            yield b"done"
+
+        return StreamingResponse(words())
+
+    async def header_priced(request: Request) -> Response:
+        return PlainTextResponse("ok", headers={"x-tokens-used": request.query_params.get("tokens", "1")})
+
+    return Starlette(routes=[Route("/complete", complete), Route("/priced", header_priced)], **extra)
+
+
+def client_of(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+
+
+@pytest.fixture
+def registry() -> CollectorRegistry:
+    return CollectorRegistry()
+
+
+async def test_failed_logins_count_and_right_passwords_never_do(
+    mw_clocked_backend: Any, clock: ManualClock, registry: CollectorRegistry
+) -> None:
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/login", login, methods=["POST"])]),
+        rules=[login_rule()],
+        backend=mw_clocked_backend,
+        registry=registry,
+        timeout=2.0,
+    )
+    async with client_of(app) as client:
+        ann = {"x-account": "ann"}
+        for _ in range(20):  # the right password, again and again: never refused, never counted
+            assert (await client.post("/login", content=PASSWORD, headers=ann)).status_code == 200
+        for attempt in range(5):
+            response = await client.post("/login", content="guess", headers=ann)
+            assert response.status_code == 401, attempt
+        sixth = await client.post("/login", content="guess", headers=ann)
+        assert sixth.status_code == 429
+        wait = int(sixth.headers["retry-after"])
+        assert 0 < wait <= 15 * 60
+        # Refused while the window holds, even with the right password (the key is out of quota) ...
+        clock.advance(wait - 1)
+        assert (await client.post("/login", content=PASSWORD, headers=ann)).status_code == 429
+        # ... and let through once the Retry-After has passed.
+        clock.advance(1)
+        assert (await client.post("/login", content=PASSWORD, headers=ann)).status_code == 200
+        # Another account is untouched.
+        assert (await client.post("/login", content="guess", headers={"x-account": "bob"})).status_code == 401
+    assert registry.get_sample_value("asgi_ratelimit_checks_total", {"rule": "/login", "result": "denied"}) == 2
+    assert registry.get_sample_value("asgi_ratelimit_charges_total", {"rule": "/login", "result": "charged"}) == 5
+
+
+async def test_a_streamed_cost_known_at_the_end_is_a_debt_repaid_at_the_refill_rate(
+    mw_clocked_backend: Any, clock: ManualClock, registry: CollectorRegistry
+) -> None:
+    # 1,000 tokens per minute, refilled at 1000/60 a second.
+    rule = Rule("/complete", TokenBucket(1000, 1000 / 60), key=Header("x-key"), charge=FromState("tokens"))
+    app = RateLimitMiddleware(tokens_app(), rules=[rule], backend=mw_clocked_backend, registry=registry, timeout=2.0)
+    key = {"x-key": "k1"}
+    async with client_of(app) as client:
+        first = await client.get("/complete?tokens=1500", headers=key)
+        assert first.status_code == 200 and first.text == "thinking... done"
+        # Its headers went out before the cost was known: the state then (checked, nothing spent).
+        assert parse_sf_list(first.headers["ratelimit"])[0][1]["r"] == 1000
+        refused = await client.get("/complete?tokens=1", headers=key)
+        assert refused.status_code == 429
+        # 500 tokens owed, and one more needed: 501 at 1000/60 per second is 30.06 s, said as 31.
+        assert refused.headers["retry-after"] == "31"
+        state = parse_sf_list(refused.headers["ratelimit"])[0][1]
+        assert state["r"] == 0
+        clock.advance(30)
+        assert (await client.get("/complete?tokens=1", headers=key)).status_code == 429
+        clock.advance(1)
+        assert (await client.get("/complete?tokens=1", headers=key)).status_code == 200
+    assert registry.get_sample_value("asgi_ratelimit_charges_total", {"rule": "/complete", "result": "in_debt"}) == 1
+    assert registry.get_sample_value("asgi_ratelimit_debt_units_total", {"rule": "/complete"}) == 500
+    assert registry.get_sample_value("asgi_ratelimit_charged_units_total", {"rule": "/complete"}) == 1501
+
+
+async def test_a_cost_in_a_response_header_is_charged_at_the_start_and_hidden(
+    mw_clocked_backend: Any, registry: CollectorRegistry
+) -> None:
+    rule = Rule("/priced", GCRA(1000, 60), key=Header("x-key"), charge=ResponseHeader("x-tokens-used"))
+    app = RateLimitMiddleware(tokens_app(), rules=[rule], backend=mw_clocked_backend, registry=registry, timeout=2.0)
+    async with client_of(app) as client:
+        response = await client.get("/priced?tokens=300", headers={"x-key": "k"})
+        assert response.status_code == 200 and "x-tokens-used" not in response.headers
+        # Known at the start: the headers show the state after the charge.
+        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 700
+        response = await client.get("/priced?tokens=900", headers={"x-key": "k"})
+        assert response.status_code == 200  # checked with 700 left: it may spend more than that
+        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 0
+        assert (await client.get("/priced?tokens=1", headers={"x-key": "k"})).status_code == 429
+
+
+async def test_an_estimate_is_spent_up_front_and_the_excess_after(mw_clocked_backend: Any) -> None:
+    rule = Rule(
+        "/priced", TokenBucket(100, 1), key=Header("x-key"), cost=10, charge=ResponseHeader("x-tokens-used", keep=True)
+    )
+    app = RateLimitMiddleware(tokens_app(), rules=[rule], backend=mw_clocked_backend, timeout=2.0, metrics=False)
+    async with client_of(app) as client:
+        response = await client.get("/priced?tokens=25", headers={"x-key": "k"})
+        assert response.headers["x-tokens-used"] == "25"
+        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 75  # 10 up front, 15 after
+        response = await client.get("/priced?tokens=3", headers={"x-key": "k"})
+        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 65  # a smaller cost: the estimate stands
+
+
+async def test_body_bytes_are_charged_as_sent(mw_clocked_backend: Any) -> None:
+    async def blob(request: Request) -> Response:
+        return PlainTextResponse("x" * 600)
+
+    rule = Rule("/blob", "1000 per minute", algorithm="fixed_window", key=Header("x-key"), charge=BodyBytes())
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/blob", blob)]), rules=[rule], backend=mw_clocked_backend, timeout=2.0, metrics=False
+    )
+    async with client_of(app) as client:
+        assert (await client.get("/blob", headers={"x-key": "k"})).status_code == 200
+        assert (await client.get("/blob", headers={"x-key": "k"})).status_code == 200  # 400 left: may overshoot
+        assert (await client.get("/blob", headers={"x-key": "k"})).status_code == 429  # 1,200 of 1,000 spent
+
+
+async def test_a_failing_app_is_counted_as_a_500_with_the_bytes_it_sent(mw_clocked_backend: Any) -> None:
+    async def broken(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] == "/half":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"y" * 700, "more_body": True})
+        raise RuntimeError("the app broke")
+
+    server_errors = Rule("/boom", "2 per minute", key=Header("x-key"), counts=lambda status: status >= 500)
+    sent = Rule("/half", "1000 per minute", algorithm="fixed_window", key=Header("x-key"), charge=BodyBytes())
+    app = RateLimitMiddleware(
+        broken, rules=[server_errors, sent], backend=mw_clocked_backend, timeout=2.0, metrics=False
+    )
+    async with client_of(app) as client:
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                await client.get("/boom", headers={"x-key": "k"})
+        assert (await client.get("/boom", headers={"x-key": "k"})).status_code == 429
+        with pytest.raises(RuntimeError):
+            await client.get("/half", headers={"x-key": "k"})
+        with pytest.raises(RuntimeError):
+            await client.get("/half", headers={"x-key": "k"})  # 700 of 1,000 spent: still allowed
+        assert (await client.get("/half", headers={"x-key": "k"})).status_code == 429
+
+
+async def test_concurrent_requests_overshoot_by_no_more_than_their_cost_in_flight(mw_backend: Any) -> None:
+    """Ten requests of one key in flight together, each costing 300 of 1,000: all pass the check, and the key
+    owes at most what they cost together beyond the quota."""
+    gate = asyncio.Event()
+    inside = 0
+
+    async def slow(request: Request) -> Response:
+        nonlocal inside
+        inside += 1
+        if inside == 10:
+            gate.set()
+        await gate.wait()
+        return PlainTextResponse("ok", headers={"x-tokens-used": "300"})
+
+    rule = Rule("/slow", GCRA(1000, 3600), key=Header("x-key"), charge=ResponseHeader("x-tokens-used"))
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/slow", slow)]), rules=[rule], backend=mw_backend, timeout=2.0, metrics=False
+    )
+    async with client_of(app) as client:
+        answers = await asyncio.wait_for(
+            asyncio.gather(*(client.get("/slow", headers={"x-key": "k"}) for _ in range(10))), 10
+        )
+        assert [answer.status_code for answer in answers] == [200] * 10
+    # The key owes 3,000 - 1,000 = 2,000: the ten costs beyond the quota, and no more (the probe adds its 1).
+    _, owed = await mw_backend.charge([(rule.identity("k"), rule.static.policies[0], 1)], "probe", 10**6)
+    assert owed == 2001
+
+
+def test_bad_configuration_names_the_rule_and_the_value() -> None:
+    with pytest.raises(ConfigurationError, match=r"Rule '/login'.*counts.*'yes'"):
+        Rule("/login", "5/minute", counts="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"Rule '/x'.*charge.*'x-tokens'"):
+        Rule("/x", "5/minute", charge="x-tokens")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"Rule '/x'.*3 arguments"):
+        Rule("/x", "5/minute", counts=lambda a, b, c: True)  # type: ignore[arg-type,misc]
+    with pytest.raises(ConfigurationError, match="not an HTTP header name"):
+        ResponseHeader("x tokens")
+    with pytest.raises(ConfigurationError, match="Concurrency"):
+        from asgi_ratelimit import Concurrency
+
+        Rule("/x", ["5/minute", Concurrency(2, timeout=60)], counts=lambda status: True)
+
+
+def test_counts_may_read_the_headers() -> None:
+    rule = Rule("/x", "5/minute", counts=lambda status, headers: headers.get("x-cache") != "hit")
+    assert rule.settlement is not None and rule.settlement.counts is not None
+    from starlette.datastructures import Headers
+
+    assert rule.settlement.counts(200, Headers({"x-cache": "miss"}))
+    assert not rule.settlement.counts(200, Headers({"x-cache": "hit"}))
+
+
+def test_memory_is_the_default_and_charges() -> None:
+    assert isinstance(RateLimitMiddleware(tokens_app(), rules=[login_rule()], metrics=False).backend, MemoryBackend)

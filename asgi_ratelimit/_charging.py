@@ -517,16 +517,14 @@ class Settler:
         metrics = self.metrics
         if metrics is None:
             return
-        decisions, _ = result
+        # The reply tells the most any entry owes; a request charges one rule, or a few of one client.
+        owed = result[1]
         for name in dict.fromkeys(charge.names):
-            owes = any(
-                not decision.allowed for decision, owner in zip(decisions, charge.names, strict=True) if owner == name
-            )
             units = max(cost for (_, _, cost), owner in zip(charge.hits, charge.names, strict=True) if owner == name)
-            metrics.charges.labels(name, "retried" if retried else ("in_debt" if owes else "charged")).inc()
+            metrics.charges.labels(name, "retried" if retried else ("in_debt" if owed else "charged")).inc()
             metrics.units.labels(name).inc(units)
-        if result[1]:
-            metrics.debt.labels(charge.names[0]).inc(result[1])
+            if owed:
+                metrics.debt.labels(name).inc(owed)
 
     def _count_checks(self, parts: list[_Part], decisions: list[Decision]) -> None:
         if self.metrics is None:

@@ -110,7 +110,7 @@ async def test_failed_logins_count_and_right_passwords_never_do(
         # Another account is untouched.
         assert (await client.post("/login", content="guess", headers={"x-account": "bob"})).status_code == 401
     assert registry.get_sample_value("asgi_ratelimit_checks_total", {"rule": "/login", "result": "denied"}) == 2
-    assert registry.get_sample_value("asgi_ratelimit_charges_total", {"rule": "/login", "result": "charged"}) == 5
+    assert registry.get_sample_value("asgi_ratelimit_charges_total", {"rule": "/login", "result": "charged"}) == 6
 
 
 async def test_a_streamed_cost_known_at_the_end_is_a_debt_repaid_at_the_refill_rate(

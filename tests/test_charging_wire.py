@@ -1,0 +1,166 @@
+"""Counting and charging rules through a real uvicorn server on both backends, and a charge across a Redis stall.
+
+The stall freezes a redis-server of the test's own (SIGSTOP) while a charge is on its way, as
+test_concurrency_faults.py does: the charge must still be taken, and exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import httpx
+import pytest
+from conftest import RedisProcess, parse_sf_list
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+from test_uvicorn import closing, serve
+
+from asgi_ratelimit import (
+    GCRA,
+    Backend,
+    FromState,
+    Header,
+    RateLimitMiddleware,
+    RedisBackend,
+    ResponseHeader,
+    Rule,
+    TokenBucket,
+)
+
+PASSWORD = "right horse battery staple"
+
+
+def test_failed_logins_over_real_http(make_backend: Callable[[], Backend]) -> None:
+    backend = make_backend()
+
+    async def login(request: Request) -> Response:
+        right = (await request.body()).decode() == PASSWORD
+        return PlainTextResponse("welcome" if right else "no", status_code=200 if right else 401)
+
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/login", login, methods=["POST"])], lifespan=closing(backend)),
+        rules=[
+            Rule(
+                "/login",
+                "5 per 15 minutes",
+                key=Header("x-account"),
+                methods=["POST"],
+                counts=lambda status: status in (401, 403),
+            )
+        ],
+        backend=backend,
+        registry=CollectorRegistry(),
+        timeout=2.0,
+    )
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        ann = {"x-account": "ann"}
+        assert all(client.post("/login", content=PASSWORD, headers=ann).status_code == 200 for _ in range(20))
+        assert [client.post("/login", content="guess", headers=ann).status_code for _ in range(5)] == [401] * 5
+        sixth = client.post("/login", content="guess", headers=ann)
+        assert sixth.status_code == 429
+        assert 890 <= int(sixth.headers["retry-after"]) <= 900  # the oldest failure leaves the window then
+        again = client.post("/login", content="guess", headers=ann)
+        assert again.status_code == 429 and int(again.headers["retry-after"]) <= int(sixth.headers["retry-after"])
+
+
+def test_a_token_budget_streamed_over_real_http(make_backend: Callable[[], Backend]) -> None:
+    """1,000 tokens, refilled at 250 a second: a key that spends 1,500 owes 500, and waits 2.004 s for one more."""
+    backend = make_backend()
+
+    async def complete(request: Request) -> Response:
+        async def words() -> AsyncIterator[bytes]:
+            yield b"thinking... "
+            await asyncio.sleep(0.01)
+            request.state.tokens = int(request.query_params["tokens"])
+            yield b"done"
+
+        return StreamingResponse(words(), media_type="text/plain")
+
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/complete", complete)], lifespan=closing(backend)),
+        rules=[Rule("/complete", TokenBucket(1000, 250), key=Header("x-key"), charge=FromState("tokens"))],
+        backend=backend,
+        registry=CollectorRegistry(),
+        timeout=2.0,
+    )
+    with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        key = {"x-key": "k"}
+        first = client.get("/complete", params={"tokens": 1500}, headers=key)
+        assert first.status_code == 200 and first.text == "thinking... done"
+        charged_at = time.monotonic()
+        refused = client.get("/complete", params={"tokens": 1}, headers=key)
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "3"  # 2.004 s, rounded up
+        assert parse_sf_list(refused.headers["ratelimit"])[0][1]["r"] == 0
+        time.sleep(max(0.0, 2.1 - (time.monotonic() - charged_at)))
+        repaid = client.get("/complete", params={"tokens": 1}, headers=key)
+        assert repaid.status_code == 200
+
+
+@pytest.fixture
+def server(redis_server: RedisProcess) -> Iterator[RedisProcess]:
+    """The test's own Redis, thawed whatever happens before the fixture stops it."""
+    yield redis_server
+    if redis_server.process is not None and redis_server.process.poll() is None:
+        os.kill(redis_server.process.pid, signal.SIGCONT)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+async def test_a_redis_stall_during_a_charge_still_charges_exactly_once(server: RedisProcess) -> None:
+    assert server.process is not None
+    pid = server.process.pid
+    loop = asyncio.get_running_loop()
+
+    async def priced(request: Request) -> Response:
+        if request.query_params.get("stall"):
+            # Frozen once the check has answered: the charge at the response start meets the stall.
+            os.kill(pid, signal.SIGSTOP)
+            loop.call_later(1.5, os.kill, pid, signal.SIGCONT)
+        return PlainTextResponse("ok", headers={"x-tokens-used": "300"})
+
+    rule = Rule("/priced", GCRA(1000, 3600), key=Header("x-key"), charge=ResponseHeader("x-tokens-used"))
+    registry = CollectorRegistry()
+    backend = RedisBackend.from_url(server.url)
+    middleware = RateLimitMiddleware(
+        Starlette(routes=[Route("/priced", priced)]), rules=[rule], backend=backend, registry=registry
+    )
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://test")
+    try:
+        assert (await client.get("/priced", headers={"x-key": "warm"})).status_code == 200  # connected, loaded
+        started = time.monotonic()
+        response = await client.get("/priced?stall=1", headers={"x-key": "k"})
+        assert response.status_code == 200
+        assert time.monotonic() - started < 1.0  # answered at the budget, not after the stall
+        pending = middleware._settler.pending
+        assert pending is not None
+        await asyncio.wait_for(pending.wait(), 15)
+        # Charged once: 300 of 1,000, however many times the charge reached Redis.
+        [after], owed = await backend.charge([(rule.identity("k"), GCRA(1000, 3600), 1)], "probe", 10**6)
+        assert after.remaining == 699 and owed == 0
+        retried = registry.get_sample_value("asgi_ratelimit_charges_total", {"rule": "/priced", "result": "retried"})
+        assert retried == 1
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await client.aclose()
+        await backend.aclose()
+        admin = Redis.from_url(server.url)
+        await admin.flushall()
+        await admin.aclose()
+
+
+def test_redis_keys_of_a_charge_share_the_identity_hash_tag() -> None:
+    from asgi_ratelimit._keys import digest, ledger_key, state_key
+
+    hashed = digest("rule\x1fk")
+    assert ledger_key("rl:", hashed).startswith(state_key("rl:", hashed, GCRA(1, 1)).split("}")[0])

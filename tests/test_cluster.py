@@ -27,6 +27,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from test_charging_backends import (  # the check and charge cases, collected again on the cluster
+    test_a_charge_past_the_limit_is_a_debt,  # noqa: F401
+    test_check_spends_nothing_and_refuses_only_an_exhausted_key,  # noqa: F401
+    test_the_same_charge_sent_twice_is_taken_once,  # noqa: F401
+)
 from test_concurrency import admitted_by_workers
 from test_conformance import *  # noqa: F403  (the conformance suite, collected again on the cluster)
 from test_conformance import T0, seen
@@ -209,6 +214,17 @@ async def test_two_identities_are_decided_at_once(cluster: RedisCluster, key_pre
         await backend.aclose()
     assert [d.allowed for d in decisions] == [True, True]
     assert counter.most == 2
+
+
+async def test_a_charge_of_two_identities_is_taken_once_in_each_slot(backend: RedisBackend, clock: ManualClock) -> None:
+    # Each identity's charge is one call in its own slot, remembered in that identity's ledger.
+    per_ip, per_key = FixedWindow(10, 60), GCRA(10, 60)
+    clock.now = T0
+    hits = [("ip", per_ip, 4), ("key", per_key, 12)]
+    first = await backend.charge(hits, "request-1", 60_000_000)
+    assert await backend.charge(hits, "request-1", 60_000_000) == first  # the retry takes nothing more
+    assert [d.remaining for d in first[0]] == [6, 0] and first[1] == 2  # 10 - 4 left; 12 of 10: 2 owed
+    assert [d.allowed for d in await backend.check([("ip", per_ip, 1), ("key", per_key, 1)])] == [True, False]
 
 
 # -- the middleware --------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import contextlib
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
@@ -160,14 +161,15 @@ class ChargeMetrics:
         )
 
 
-_METRICS: dict[int, tuple[CollectorRegistry, ChargeMetrics]] = {}
+# Built once per registry, as metrics.py does: a second middleware on one registry shares them.
+_METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ChargeMetrics] = weakref.WeakKeyDictionary()
 
 
 def _metrics_for(registry: CollectorRegistry) -> ChargeMetrics:
-    found = _METRICS.get(id(registry))
-    if found is None or found[0] is not registry:
-        found = _METRICS[id(registry)] = (registry, ChargeMetrics(registry))
-    return found[1]
+    metrics = _METRICS.get(registry)
+    if metrics is None:
+        metrics = _METRICS[registry] = ChargeMetrics(registry)
+    return metrics
 
 
 # -- charges retried in the background -------------------------------------------------
@@ -297,8 +299,6 @@ class Settler:
     ) -> None:
         """Check (or spend the estimate) before the app runs, run it, and charge what its response cost."""
         middleware = self.middleware
-        if self.backend is None:
-            self.check_backend(matched)
         by_name = {rule.name: rule for rule in matched}
         parts: list[_Part] = []
         spend: list[int] = []  # hits spent up front: other rules', and estimates
@@ -391,8 +391,8 @@ class Settler:
                 settlement = part.settlement
                 if settlement.known_at_start == at_end:
                     continue
-                if settlement.counts is not None and not settlement.counts(
-                    status or FAILED_STATUS, response_headers or Headers()
+                if settlement.counts is not None and not _counted(
+                    settlement.counts, status or FAILED_STATUS, response_headers or Headers(), part.name
                 ):
                     continue
                 source = settlement.source
@@ -438,7 +438,10 @@ class Settler:
                 )
                 await _with_headers(send, headers, guard)(message)
                 return
-            if kind == "http.response.body":
+            if kind == "http.response.pathsend" and not finished:
+                finished = True  # a file the server sends: always the last message, its size unseen here
+                await self._charge(costs(at_end=True), token + "e")
+            elif kind == "http.response.body":
                 body = message.get("body", b"")
                 if not message.get("more_body", False) and not finished:
                     sent += len(body)
@@ -461,6 +464,7 @@ class Settler:
                 await self._charge(costs(at_end=False), token + "s")
             if not finished:
                 finished = True
+                status = FAILED_STATUS  # the response did not complete: it failed, whatever it started as
                 await self._charge(costs(at_end=True), token + "e")
 
     async def _charge(self, charged: list[tuple[int, str, Hit]], token: str) -> list[tuple[int, Decision]]:
@@ -534,6 +538,15 @@ class Settler:
                 continue
             allowed = all(decisions[index].allowed for index in part.indexes)
             self.metrics.checks.labels(part.name, "allowed" if allowed else "denied").inc()
+
+
+def _counted(counts: Counts, status: int, headers: Headers, name: str) -> bool:
+    """The rule's predicate; a predicate that raises counts the response (the safe side for a brute-force rule)."""
+    try:
+        return bool(counts(status, headers))
+    except Exception:
+        logger.exception("asgi_ratelimit: rule %r: the counts predicate raised; the response is counted", name)
+        return True
 
 
 def _whole(value: object, name: str, source: ChargeSource) -> int:

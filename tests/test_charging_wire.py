@@ -105,6 +105,44 @@ def test_a_token_budget_streamed_over_real_http(make_backend: Callable[[], Backe
         assert repaid.status_code == 200
 
 
+def test_requests_in_flight_together_overshoot_by_their_cost_over_real_http(
+    make_backend: Callable[[], Backend],
+) -> None:
+    """Ten requests of one key, 300 tokens each, all in the app at once on a fresh 1,000-token budget: all pass
+    the check, and the key then owes exactly what they cost beyond the quota, 2,000 tokens, and no more."""
+    backend = make_backend()
+    inside = 0
+    everyone_in = asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        nonlocal inside
+        inside += 1
+        if inside == 10:
+            everyone_in.set()
+        await asyncio.wait_for(everyone_in.wait(), 10)
+        return PlainTextResponse("ok", headers={"x-tokens-used": "300"})
+
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/slow", slow)], lifespan=closing(backend)),
+        rules=[Rule("/slow", GCRA(1000, 3600), key=Header("x-key"), charge=ResponseHeader("x-tokens-used"))],
+        backend=backend,
+        registry=CollectorRegistry(),
+        timeout=2.0,
+    )
+
+    async def together(url: str) -> list[int]:
+        async with httpx.AsyncClient(base_url=url, timeout=15) as client:
+            answers = await asyncio.gather(*(client.get("/slow", headers={"x-key": "k"}) for _ in range(10)))
+            return [answer.status_code for answer in answers]
+
+    with serve(app) as url:
+        assert asyncio.run(together(url)) == [200] * 10
+        refused = httpx.get(f"{url}/slow", headers={"x-key": "k"}, timeout=10)
+        assert refused.status_code == 429
+        # 2,000 owed and one more token needed, at 3.6 s a token: 7,203.6 s.
+        assert refused.headers["retry-after"] == "7204"
+
+
 @pytest.fixture
 def server(redis_server: RedisProcess) -> Iterator[RedisProcess]:
     """The test's own Redis, thawed whatever happens before the fixture stops it."""

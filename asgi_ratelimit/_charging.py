@@ -270,17 +270,31 @@ class Settler:
         self._now: Callable[[Sequence[Hit], str, int], Charged] | None = (
             backend.charge_now if type(backend) is MemoryBackend else None
         )
-        self.metrics = None if self.limiter.metrics is None else _metrics_for(self.limiter.metrics.registry)
+        self.metrics: ChargeMetrics | None = None  # built by prepare(), when a rule settles
         self.pending = None if self.backend is None else PendingCharges(self.backend, self._finished_later)
 
-    def check_backend(self, rules: Sequence[Rule]) -> None:
-        """Raise ConfigurationError when a rule settles after the response on a backend that cannot."""
+    def prepare(self, rules: Sequence[Rule]) -> None:
+        """Check that the backend can settle the rules that need it, and export their metrics at zero.
+
+        Raises ConfigurationError when a rule counts or charges after the response on a backend that cannot.
+        """
         for rule in rules:
-            if rule.settlement is not None and self.backend is None:
+            if rule.settlement is None:
+                continue
+            if self.backend is None:
                 raise ConfigurationError(
                     f"Rule {rule.name!r}: counts= and charge= need a backend with check() and charge() "
                     f"(MemoryBackend or RedisBackend), got {self.limiter.backend!r}."
                 )
+            if self.limiter.metrics is not None:
+                # Every series from the start, so rate() and alerts see them before the first event.
+                metrics = self.metrics = _metrics_for(self.limiter.metrics.registry)
+                for result in ("allowed", "denied"):
+                    metrics.checks.labels(rule.name, result)
+                for result in ("charged", "in_debt", "retried", "lost"):
+                    metrics.charges.labels(rule.name, result)
+                metrics.units.labels(rule.name)
+                metrics.debt.labels(rule.name)
 
     async def run(
         self,

@@ -142,7 +142,7 @@ class RateLimitMiddleware:
             self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
         self._deny_bodies: dict[tuple[tuple[str, ...], int, bool], bytes] = {}  # 429 bodies already built
         self._settler = Settler(self)  # for rules with counts= or charge=
-        self._settler.check_backend(self.rules)
+        self._settler.prepare(self.rules)
 
     def _add_rule(self, rule: Rule) -> None:
         if any(existing.name == rule.name for existing in self.rules):

@@ -261,5 +261,13 @@ def test_counts_may_read_the_headers() -> None:
     assert not rule.settlement.counts(200, Headers({"x-cache": "hit"}))
 
 
+def test_the_metrics_of_a_charging_rule_are_exported_at_zero(registry: CollectorRegistry) -> None:
+    RateLimitMiddleware(tokens_app(), rules=[login_rule()], registry=registry)
+    for name, result in (("checks", "denied"), ("charges", "lost"), ("charges", "retried")):
+        sample = registry.get_sample_value(f"asgi_ratelimit_{name}_total", {"rule": "/login", "result": result})
+        assert sample == 0
+    assert registry.get_sample_value("asgi_ratelimit_debt_units_total", {"rule": "/login"}) == 0
+
+
 def test_memory_is_the_default_and_charges() -> None:
     assert isinstance(RateLimitMiddleware(tokens_app(), rules=[login_rule()], metrics=False).backend, MemoryBackend)

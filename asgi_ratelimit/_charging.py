@@ -11,7 +11,7 @@ last body part goes out, so the client's next request meets it.
 A charge is not given up on a Redis blip: the first attempt is awaited within the limiter's budget,
 then retried in the background, with a growing pause, until it gets through or the longest window
 of its policies has passed (a charge later than that would count against a window it was not made
-in).  It does not go through the circuit breaker: nothing waits on it.  hit.lua's charge ledger
+in), ten minutes at most.  It does not go through the circuit breaker: nothing waits on it.  hit.lua's charge ledger
 remembers each request's token, so a charge sent again after its reply was lost takes nothing more.
 """
 
@@ -56,6 +56,11 @@ FIRST_PAUSE: Final = 0.02  # seconds before the first retry of a charge
 MOST_PAUSE: Final = 0.5
 MAX_PENDING: Final = 10_000
 FAILED_STATUS: Final = 500  # what a response that failed before its start is counted as
+# The longest a charge is retried (seconds), however long its window: the ledger keeps each charge's token
+# that long, so this bounds what the ledgers hold (a token per charge of the last ten minutes at most).
+MOST_RETRY: Final = 600
+# How much longer than its retries the ledger keeps a token: the last attempt may reach Redis this late.
+LEDGER_MARGIN: Final = 5
 
 _any_settling = False  # set once a Rule with counts= or charge= exists: until then no request looks
 
@@ -492,9 +497,8 @@ class Settler:
         assert self.backend is not None
         hits = [hit for _, _, hit in charged]
         names = tuple(name for _, name, _ in charged)
-        windows = max(policy.window_seconds for _, policy, _ in hits)
-        # The ledger remembers the token for as long as a retry may come, and the last round trip may take.
-        charge = _Charge(hits, names, token, (2 * windows + 5) * MICROS, time.monotonic() + windows, None)
+        horizon = min(MOST_RETRY, max(policy.window_seconds for _, policy, _ in hits))
+        charge = _Charge(hits, names, token, (horizon + LEDGER_MARGIN) * MICROS, time.monotonic() + horizon, None)
         if self._now is not None:
             result = self._now(hits, token, charge.remember_us)
         else:

@@ -31,7 +31,7 @@ from .errors import ConfigurationError
 from .extractors import ClientIP, FirstOf, Header, JWTClaim
 from .headers import QUOTA_EXCEEDED, retry_after_seconds
 from .middleware import RateLimitMiddleware
-from .policies import Concurrency, Decision, Policy
+from .policies import DEFAULT_ALGORITHM, Concurrency, Decision, Policy
 from .rules import ENDPOINT_RULES, CompiledLimits, CostFunc, Limits, Rule, guard_requests
 
 __all__ = ["RateLimit", "RateLimitExceeded", "document_rate_limits"]
@@ -81,7 +81,7 @@ class RateLimit:
             FastAPI dependency returning them (tiers: ``def tier(user=Depends(current_user)) -> str``).
         key: an extractor of this package (``ClientIP()``, the default; ``Header``, ``JWTClaim``, ``FirstOf``),
             or a FastAPI dependency returning the key as a string, or None for "not limited".
-        algorithm: the algorithm of limit strings (``"sliding_window"`` by default).
+        algorithm: the algorithm of limit strings (``"gcra"`` by default).
         cost: units each request takes: an int, or a callable of the request.
         name: the rule's name in headers and metrics; by default the route's path, so each route counts apart.
         fail_open: overrides the middleware's ``fail_open`` for this limit when not None.
@@ -94,7 +94,7 @@ class RateLimit:
         limits: Limits | Callable[..., Any],
         *,
         key: Callable[..., Any] | None = None,
-        algorithm: str = "sliding_window",
+        algorithm: str = DEFAULT_ALGORITHM,
         cost: int | CostFunc = 1,
         name: str | None = None,
         fail_open: bool | None = None,

@@ -25,7 +25,6 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 __all__ = [
-    "BREAKER_STATES",
     "ERROR_KINDS",
     "RELEASE_RESULTS",
     "RESULTS",
@@ -44,8 +43,6 @@ RESULTS: Final[tuple[Result, ...]] = ("allowed", "denied", "dry_run_denied", "fa
 ERROR_KINDS: Final[tuple[ErrorKind, ...]] = ("timeout", "connection", "server", "script", "breaker_open", "other")
 #: How a slot release that did not get through within the budget ended.
 RELEASE_RESULTS: Final[tuple[ReleaseResult, ...]] = ("released", "expired", "dropped")
-#: Values of asgi_ratelimit_breaker_state.
-BREAKER_STATES: Final[dict[str, int]] = {"closed": 0, "open": 1, "half_open": 2}
 
 # From a local Redis round trip (~0.1 ms) to well past any sane budget (1 s).
 LATENCY_BUCKETS: Final[tuple[float, ...]] = (

@@ -38,7 +38,7 @@ from .headers import (
 from .health import OperationsApp
 from .limiter import Limiter, Span
 from .policies import Decision
-from .rules import CompiledLimits, Rule, bypassed_endpoint, endpoints_marked
+from .rules import CompiledLimits, PathPattern, Rule, bypassed_endpoint, endpoints_marked
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -133,13 +133,13 @@ class RateLimitMiddleware:
                 raise ConfigurationError(f"rules must hold Rule objects, got {rule!r}.")
             self._add_rule(rule)
         self._exempt_predicate: ExemptPredicate | None = None
-        self._exempt_paths: list[Rule] = []
+        self._exempt_paths: list[PathPattern] = []
         if callable(exempt):
             self._exempt_predicate = exempt
         else:
             if isinstance(exempt, str):
                 raise ConfigurationError(f"exempt must be a list of paths or a predicate, got {exempt!r}.")
-            self._exempt_paths = [Rule(path, "1/second", key=_no_key, name=f"exempt {path}") for path in exempt]
+            self._exempt_paths = [PathPattern(path, "exempt path") for path in exempt]
         self._deny_bodies: dict[tuple[tuple[str, ...], int, bool], bytes] = {}  # 429 bodies already built
         self._settler = Settler(self)  # for rules with counts= or charge=
         self._settler.prepare(self.rules)
@@ -189,7 +189,7 @@ class RateLimitMiddleware:
         for rule in self.rules:  # a loop, not a comprehension: most requests match one rule or none
             if rule.matches(method, path):
                 matched.append(rule)
-        if self._exempt_paths and any(rule.matches(method, path) for rule in self._exempt_paths):
+        if self._exempt_paths and any(pattern.matches(path) for pattern in self._exempt_paths):
             if guard is not None:
                 guard.exempt = True
             await self.app(scope, receive, send)
@@ -642,10 +642,6 @@ async def _connect_message() -> Message:
 def _connection(scope: Scope, receive: Receive) -> HTTPConnection:
     """The Request user code is given (a websocket handshake has no Request: its HTTPConnection)."""
     return Request(scope, receive) if scope["type"] == "http" else HTTPConnection(scope)
-
-
-def _no_key(request: HTTPConnection) -> str | None:
-    return None
 
 
 def _with_headers(send: Send, headers: list[tuple[bytes, bytes]], guard: _Guard | None = None) -> Send:

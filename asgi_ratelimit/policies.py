@@ -292,6 +292,11 @@ ALGORITHMS: dict[str, type[Policy]] = {
     cls.algorithm: cls for cls in (TokenBucket, SlidingWindow, GCRA, FixedWindow, SlidingWindowCounter)
 }
 
+#: The algorithm of a limit string that names none.  GCRA keeps one timestamp per key whatever the limit,
+#: admits at most the limit in any window (a burst of up to the limit, then one every window/limit), and
+#: runs the fewest Redis commands; the exact log (sliding_window) holds an entry per admitted unit.
+DEFAULT_ALGORITHM = "gcra"
+
 # A month is 30 days and a year 365, as limit strings elsewhere count them: fixed lengths, never calendar ones.
 _UNITS = {
     "second": 1,
@@ -315,10 +320,8 @@ _GRAMMAR = (
     'or year = 365 days, plural allowed): "10/second", "100/minute", "5 per 10 seconds"'
 )
 
-LimitSpec = str | Policy
 
-
-def parse_limit(text: str, algorithm: str = "sliding_window") -> Policy:
+def parse_limit(text: str, algorithm: str = DEFAULT_ALGORITHM) -> Policy:
     """Turn ``"100/minute"`` or ``"5 per 10 seconds"`` into a policy of the given algorithm.
 
     For ``token_bucket`` the count is the capacity and it refills at count/window tokens per second;
@@ -333,7 +336,7 @@ def parse_limit(text: str, algorithm: str = "sliding_window") -> Policy:
     return _parse_one(text, text, algorithm)
 
 
-def parse_limits(text: str, algorithm: str = "sliding_window") -> tuple[Policy, ...]:
+def parse_limits(text: str, algorithm: str = DEFAULT_ALGORITHM) -> tuple[Policy, ...]:
     """Turn ``"10/second;1000/hour"`` (limits separated by ``;`` or ``,``) into one policy per limit, in order."""
     if algorithm not in ALGORITHMS:
         raise ConfigurationError(f"Unknown algorithm {algorithm!r}: choose one of {', '.join(sorted(ALGORITHMS))}.")

@@ -30,11 +30,12 @@ from .charging import ChargeSource
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
 from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
-from .policies import ALGORITHMS, Concurrency, Policy, parse_limits
+from .policies import ALGORITHMS, DEFAULT_ALGORITHM, Concurrency, Policy, parse_limits
 
 __all__ = [
     "ENDPOINT_RULES",
     "CompiledLimits",
+    "PathPattern",
     "Resolved",
     "Rule",
     "bypassed_endpoint",
@@ -73,6 +74,40 @@ class CompiledLimits:
     state_format: bytes | None = None  # one policy: its RateLimit value as a %-format of (remaining, t)
 
 
+class PathPattern:
+    """A Starlette path template (``"/users/{id}"``, ``"/files/{rest:path}"``) or a compiled regex, and the paths it
+    matches: the same paths Starlette's router sends to a route of that template.  ``owner`` names it in errors."""
+
+    def __init__(self, path: str | re.Pattern[str], owner: str) -> None:
+        self.exact: str | None = None  # a template without parameters: one path, compared as a string
+        if isinstance(path, re.Pattern):
+            self.regex = path
+            self.text = path.pattern
+            return
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ConfigurationError(
+                f"{owner} {path!r}: the path must be a template starting with '/' or a compiled regex."
+            )
+        if "*" in path:
+            raise ConfigurationError(
+                f"{owner} {path!r}: a path is a Starlette template, not a glob ('*' is taken literally); "
+                f"write {path.split('*', 1)[0].rstrip('/') + '/{path:path}'!r} for every path below it."
+            )
+        try:
+            self.regex = compile_path(path)[0]
+        except (ValueError, AssertionError) as exc:
+            raise ConfigurationError(f"{owner} {path!r}: invalid path template: {exc}") from exc
+        self.text = path
+        self.exact = None if "{" in path else path
+
+    def matches(self, path: str) -> bool:
+        """Whether a request on ``path`` (without the app's root_path) is matched."""
+        if self.exact is not None:
+            # As the regex's "$" does (and so Starlette's router): a final newline still matches.
+            return path == self.exact or (path[-1:] == "\n" and path[:-1] == self.exact)
+        return self.regex.match(path) is not None
+
+
 #: What a rule applies to one request: the identity it counts under, its limits, and the units taken.
 Resolved = tuple[str, CompiledLimits, int]
 
@@ -93,7 +128,7 @@ class Rule:
         key: the key extractor; a sync or async callable of the request returning a string, or
             None when the rule does not apply to that request.  Default: ``ClientIP()``.
         methods: the HTTP methods the rule applies to; ``None`` for all.
-        algorithm: the algorithm of limit strings (``"sliding_window"`` by default).
+        algorithm: the algorithm of limit strings (``"gcra"`` by default).
         cost: units each request takes: an int or a callable of the request.
         name: the name used in headers and metrics; derived from the path when absent.
         fail_open: overrides the middleware's ``fail_open`` for this rule when not None.
@@ -117,7 +152,7 @@ class Rule:
         *,
         key: KeyFunc | None = None,
         methods: Iterable[str] | None = None,
-        algorithm: str = "sliding_window",
+        algorithm: str = DEFAULT_ALGORITHM,
         cost: int | CostFunc | None = None,
         name: str | None = None,
         fail_open: bool | None = None,
@@ -127,27 +162,10 @@ class Rule:
         charge: ChargeSource | None = None,
     ) -> None:
         self.path = path
-        self.exact_path: str | None = None
-        if isinstance(path, re.Pattern):
-            self.regex = path
-            derived = path.pattern
-        elif isinstance(path, str) and path.startswith("/"):
-            if "*" in path:
-                raise ConfigurationError(
-                    f"Rule {path!r}: a path is a Starlette template, not a glob ('*' is taken literally); "
-                    f"write {path.split('*', 1)[0].rstrip('/') + '/{path:path}'!r} for every path below it."
-                )
-            try:
-                self.regex = compile_path(path)[0]
-                # A template without parameters matches one path only: a string comparison is enough.
-                self.exact_path = None if "{" in path else path
-            except (ValueError, AssertionError) as exc:
-                raise ConfigurationError(f"Rule {path!r}: invalid path template: {exc}") from exc
-            derived = path
-        else:
-            raise ConfigurationError(
-                f"Rule {path!r}: the path must be a template starting with '/' or a compiled regex."
-            )
+        self.pattern = PathPattern(path, "Rule")
+        self.regex = self.pattern.regex
+        self.exact_path = self.pattern.exact
+        derived = self.pattern.text
         self.name = derived if name is None else name
         if not isinstance(self.name, str) or not self.name:
             raise ConfigurationError(f"Rule {derived!r}: name must be a non-empty string, got {name!r}.")
@@ -294,10 +312,7 @@ class Rule:
         """Whether this rule applies to a request of ``method`` on ``path``."""
         if self.methods is not None and method not in self.methods:
             return False
-        if self.exact_path is not None:
-            # As the regex's "$" does (and so Starlette's router): a final newline still matches.
-            return path == self.exact_path or (path[-1:] == "\n" and path[:-1] == self.exact_path)
-        return self.regex.match(path) is not None
+        return self.pattern.matches(path)
 
     def matches_any_method(self, path: str) -> bool:
         """Whether this rule's path matches ``path``, whatever the method."""
@@ -427,7 +442,7 @@ def rate_limit(
     limits: Limits | DynamicLimits,
     *,
     key: KeyFunc | None = None,
-    algorithm: str = "sliding_window",
+    algorithm: str = DEFAULT_ALGORITHM,
     cost: int | CostFunc = 1,
     name: str | None = None,
     fail_open: bool | None = None,

@@ -39,6 +39,7 @@ def login_rule(**extra: Any) -> Rule:
     return Rule(
         "/login",
         "5 per 15 minutes",
+        algorithm="sliding_window",  # exact: never a sixth failure in any 15 minutes
         key=Header("x-account"),
         methods=["POST"],
         counts=lambda status: status in (401, 403),

@@ -185,7 +185,8 @@ class TestInProcess:
         assert [r.status_code for r in responses] == [200, 200, 429]
         for response in responses:
             assert policies_of(response) == {"per-client": {"q": 3, "w": 60}, "per-user": {"q": 2, "w": 60}}
-        assert state_of(responses[1]) == {"per-client": {"r": 1, "t": 60}, "per-user": {"r": 0, "t": 60}}
+        # GCRA (the default): 2 of 3 per minute spent, full again in 40 s; 2 of 2, in 60 s.
+        assert state_of(responses[1]) == {"per-client": {"r": 1, "t": 40}, "per-user": {"r": 0, "t": 60}}
         assert_dependency_429(responses[2])
         # The middleware's rule counted the refused request too (it decided before the endpoint).
         assert state_of(responses[2])["per-client"]["r"] == 0

@@ -67,6 +67,7 @@ class TestHealth:
         assert response.headers["cache-control"] == "no-store"
 
     @pytest.mark.parametrize("mode", ["fail", "hang"])
+    @pytest.mark.timing
     async def test_unavailable(self, mode: str) -> None:
         app = make(Pings(mode), health_path="/health", timeout=0.05)
         started = time.perf_counter()

@@ -104,6 +104,7 @@ async def fail(limiter: Limiter, times: int) -> None:
 
 
 class TestTimeBudget:
+    @pytest.mark.timing
     async def test_a_hanging_backend_is_abandoned_at_the_timeout(self, limiter: Limiter, backend: Scripted) -> None:
         backend.mode = "hang"
         started = time.perf_counter()
@@ -190,6 +191,7 @@ class TestBreaker:
             await limiter.decide(HITS)
         assert limiter.state == "closed"
 
+    @pytest.mark.timing
     async def test_an_open_breaker_adds_no_latency(self, limiter: Limiter, backend: Scripted) -> None:
         backend.mode = "hang"
         await asyncio.gather(*(fail(limiter, 1) for _ in range(3)))
@@ -237,6 +239,7 @@ class TestBreaker:
         await limiter.decide(HITS)
         assert limiter.state == "closed"
 
+    @pytest.mark.timing
     async def test_a_slow_probe_answers_its_request_at_the_budget_and_decides_later(
         self, limiter: Limiter, backend: Scripted, clock: Clock
     ) -> None:
@@ -412,6 +415,7 @@ class TestCounting:
 
 
 class TestPing:
+    @pytest.mark.timing
     async def test_latency_of_an_answer(self, limiter: Limiter) -> None:
         assert 0 <= await limiter.ping() < 0.05
 

@@ -333,7 +333,9 @@ class TestSeveralLimits:
         assert set(policies_of(other)) == {"global"}
 
     async def test_a_list_of_limits_on_one_rule(self, mw_clocked_backend: Backend, clock: ManualClock) -> None:
-        rule = Rule("/users/{id}", ["2 per 10 seconds", "3/minute"], key=by_user, name="users")
+        rule = Rule(
+            "/users/{id}", ["2 per 10 seconds", "3/minute"], key=by_user, name="users", algorithm="sliding_window"
+        )
         app = build_app("starlette", rules=[rule], backend=mw_clocked_backend)
         async with client_for(app) as client:
             ok = [await client.get("/users/1", headers={"x-user": "ann"}) for _ in range(2)]

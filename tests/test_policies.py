@@ -147,7 +147,7 @@ def test_policy_key_suffixes_differ_by_algorithm_and_parameters() -> None:
     ],
 )
 def test_parse_limit(text: str, expected: Policy) -> None:
-    assert parse_limit(text) == expected
+    assert parse_limit(text, "sliding_window") == expected
 
 
 @pytest.mark.parametrize(
@@ -207,7 +207,7 @@ def test_parse_limit_rejects_bad_text_quoting_it(text: str) -> None:
     ],
 )
 def test_parse_limits_reads_several_limits_in_order(text: str, expected: tuple[Policy, ...]) -> None:
-    assert parse_limits(text) == expected
+    assert parse_limits(text, "sliding_window") == expected
 
 
 @pytest.mark.parametrize(
@@ -283,13 +283,15 @@ def test_parse_limits_reads_what_it_is_given(limits: list[tuple[str, int, int]],
     text = limits[0][0]
     for (part, _, _), separator in zip(limits[1:], separators, strict=False):
         text += separator + part
-    assert parse_limits(text) == tuple(SlidingWindow(count, seconds) for _, count, seconds in limits)
+    assert parse_limits(text, "sliding_window") == tuple(SlidingWindow(count, seconds) for _, count, seconds in limits)
 
 
 def test_parse_limit_rejects_values_out_of_range_naming_the_field() -> None:
     with pytest.raises(ConfigurationError, match=re.escape("limit must be between 1 and 1,000,000,000")):
         parse_limit("2000000000/second")
     with pytest.raises(ConfigurationError, match="window"):
+        parse_limit("1 per 400 days", "sliding_window")
+    with pytest.raises(ConfigurationError, match="period"):
         parse_limit("1 per 400 days")
 
 
@@ -373,5 +375,10 @@ def test_the_exact_log_is_bounded_in_the_library_as_in_the_service() -> None:
     with pytest.raises(ConfigurationError, match="sliding_window_counter"):
         SlidingWindow(1_000_000_000, 60)
     with pytest.raises(ConfigurationError, match="10,000"):
-        parse_limit("20000/hour")
+        parse_limit("20000/hour", "sliding_window")
     assert parse_limit("20000/hour", "sliding_window_counter").quota == 20000
+
+
+def test_a_limit_string_without_an_algorithm_is_gcra_whose_state_does_not_grow_with_the_limit() -> None:
+    assert parse_limit("100/minute") == GCRA(100, 60)
+    assert parse_limit("1000000/hour").quota == 1_000_000  # one timestamp per key, whatever the limit

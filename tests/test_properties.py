@@ -30,8 +30,9 @@ from asgi_ratelimit import (
     SlidingWindow,
     SlidingWindowCounter,
     TokenBucket,
+    parse_limit,
 )
-from asgi_ratelimit.policies import Policy
+from asgi_ratelimit.policies import ALGORITHMS, Policy
 
 T0 = 1_699_999_200_000_000  # a multiple of every window below
 
@@ -130,3 +131,27 @@ async def test_denied_hits_change_nothing(sequence: list[tuple[int, list[tuple[s
             assert a.decide(hits) == decisions
     probe = [(identity, policy, 1) for identity in IDENTITIES for policy in POLICIES]
     assert a.decide(probe) == b.decide(probe)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    algorithm=st.sampled_from(sorted(ALGORITHMS)),
+    gaps=st.lists(st.integers(min_value=0, max_value=3_000_000), min_size=1, max_size=300),
+)
+def test_what_a_limit_string_admits_in_any_window(algorithm: str, gaps: list[int]) -> None:
+    """docs/algorithms.md: "10/minute" admits at most 10 in any 60 s under the exact log, 20 under the others."""
+    policy = parse_limit("10/minute", algorithm)
+    now = [1_800_000_000_000_000]
+    backend = MemoryBackend(clock=lambda: now[0])
+    admitted: list[int] = []
+    for gap in gaps:
+        now[0] += gap
+        (decision,) = backend.decide([("client", policy, 1)])
+        if decision.allowed:
+            admitted.append(now[0])
+    bound = 10 if algorithm == "sliding_window" else 20
+    low = 0
+    for high, at in enumerate(admitted):
+        while admitted[low] <= at - 60_000_000:
+            low += 1
+        assert high - low + 1 <= bound

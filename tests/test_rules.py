@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 
-from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, SlidingWindow, TokenBucket, rate_limit
+from asgi_ratelimit import GCRA, ConfigurationError, FixedWindow, TokenBucket, rate_limit
 from asgi_ratelimit.rules import _IDENTITIES_KEPT, ENDPOINT_RULES, IDENTITY_SEPARATOR, Rule
 
 
@@ -83,7 +83,7 @@ def test_names() -> None:
 
 
 def test_limit_strings_use_the_rule_algorithm() -> None:
-    assert Rule("/x", "10/minute", key=key).static.policies == (SlidingWindow(10, 60),)  # type: ignore[union-attr]
+    assert Rule("/x", "10/minute", key=key).static.policies == (GCRA(10, 60),)  # type: ignore[union-attr]
     assert Rule("/x", "10/minute", key=key, algorithm="fixed_window").static.policies == (  # type: ignore[union-attr]
         FixedWindow(10, 60),
     )
@@ -94,7 +94,7 @@ def test_limit_strings_use_the_rule_algorithm() -> None:
 def test_policies_and_lists() -> None:
     rule = Rule("/x", [GCRA(10, 60), "100/hour"], key=key, name="x")
     compiled = rule.limits_for(connection())
-    assert compiled.policies == (GCRA(10, 60), SlidingWindow(100, 3600))
+    assert compiled.policies == (GCRA(10, 60), GCRA(100, 3600))
     assert compiled.policy_items == ('"x:60s";q=10;w=60', '"x:3600s";q=100;w=3600')
     assert compiled.item_names == ('"x:60s"', '"x:3600s"')
 
@@ -111,8 +111,8 @@ def test_tiers_callable() -> None:
     rule = Rule("/x", tiers, key=key, name="api")
     free = rule.limits_for(connection())
     pro = rule.limits_for(connection({"x-plan": "pro"}))
-    assert free.policies == (SlidingWindow(10, 60),)
-    assert pro.policies == (SlidingWindow(100, 60), SlidingWindow(1000, 3600))
+    assert free.policies == (GCRA(10, 60),)
+    assert pro.policies == (GCRA(100, 60), GCRA(1000, 3600))
     # Compiled once per tier.
     assert rule.limits_for(connection({"x-plan": "pro"})) is pro
 

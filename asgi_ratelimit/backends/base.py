@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigurationError
-from ..policies import MICROS, Concurrency, Decision, Policy
+from ..policies import MICROS, Concurrency, Decision, Policy, new_decision
 
 __all__ = [
     "LEDGER_CODE",
@@ -152,18 +152,11 @@ def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decisi
 
 def decision_from_reply(policy: Policy, allowed: int, retry_us: int, remaining: int, reset_us: int) -> Decision:
     """One entry of a script's reply as a Decision (retry_us -1 means never)."""
-    # Decision(...) built in one step, as new_decision() does: this runs for every decision.
-    return _new_tuple(
-        Decision,
-        (
-            allowed == 1,
-            policy.quota,
-            remaining if remaining > 0 else 0,
-            math.inf if retry_us < 0 else retry_us / MICROS,
-            reset_us / MICROS if reset_us > 0 else 0.0,
-            policy,
-        ),
+    return new_decision(
+        allowed == 1,
+        policy.quota,
+        remaining if remaining > 0 else 0,
+        math.inf if retry_us < 0 else retry_us / MICROS,
+        reset_us / MICROS if reset_us > 0 else 0.0,
+        policy,
     )
-
-
-_new_tuple = tuple.__new__

@@ -121,7 +121,8 @@ def _bare(framework: Framework) -> Callable[[BuildContext], Built]:
 def _ours(
     backend: Literal["memory", "redis"], per_minute: int, framework: Framework, algorithm: str | None = None
 ) -> Callable[[BuildContext], Built]:
-    """Ours as documented; ``algorithm`` None keeps Rule's default (the exact sliding-window log)."""
+    """Ours as documented, with the default algorithm (GCRA) named, so that a run against an older version,
+    whose default was the exact log, measures the same algorithm."""
 
     def build(ctx: BuildContext) -> Built:
         from asgi_ratelimit import MemoryBackend, RateLimitMiddleware, RedisBackend, Rule
@@ -137,7 +138,7 @@ def _ours(
             else RedisBackend.from_url(ctx.redis_url, prefix=ctx.prefix)
         )
         app = starlette_app() if framework == "starlette" else fastapi_app()
-        options = {} if algorithm is None else {"algorithm": algorithm}
+        options = {"algorithm": algorithm or "gcra"}
         rules = [Rule("/", f"{per_minute}/minute", key=ClientIP(), **options)]
         # The peers wait for Redis however long it takes. With the default 50 ms budget a loaded machine
         # (this one is shared) would time some calls out and measure the fail-open path instead of limiting.
@@ -311,7 +312,7 @@ CONFIGS: tuple[Config, ...] = (
         redis=True,
         requires=OURS_REQUIRES,
     ),
-    # Like for like: slowapi and asgi-ratelimit count in fixed windows, ours defaults to an exact sliding log.
+    # Like for like: slowapi and asgi-ratelimit count in fixed windows, ours defaults to GCRA.
     Config(
         "ours-redis-fixed",
         "asgi_ratelimit, RedisBackend, fixed window",

@@ -424,8 +424,8 @@ class Settler:
                 else:
                     amount = _whole(state.get(source.name), part.name, source)
                 if settlement.estimate:
-                    amount -= part.cost  # the estimate is spent already; a smaller cost is not refunded
-                if amount > 0:
+                    amount -= part.cost  # the estimate is spent already: the difference, below 0 a refund
+                if amount:
                     for index in part.indexes:
                         identity, policy, _ = hits[index]
                         charged.append((index, part.name, (identity, policy, amount)))
@@ -544,7 +544,8 @@ class Settler:
         for name in dict.fromkeys(charge.names):
             units = max(cost for (_, _, cost), owner in zip(charge.hits, charge.names, strict=True) if owner == name)
             metrics.charges.labels(name, "retried" if retried else ("in_debt" if owed else "charged")).inc()
-            metrics.units.labels(name).inc(units)
+            if units > 0:  # a refund is no charged unit
+                metrics.units.labels(name).inc(units)
             if owed:
                 metrics.debt.labels(name).inc(owed)
 

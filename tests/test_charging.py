@@ -167,7 +167,8 @@ async def test_an_estimate_is_spent_up_front_and_the_excess_after(mw_clocked_bac
         assert response.headers["x-tokens-used"] == "25"
         assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 75  # 10 up front, 15 after
         response = await client.get("/priced?tokens=3", headers={"x-key": "k"})
-        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 65  # a smaller cost: the estimate stands
+        # A smaller cost: 10 spent up front, 7 given back after.
+        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 72
 
 
 async def test_body_bytes_are_charged_as_sent(mw_clocked_backend: Any) -> None:

@@ -82,6 +82,18 @@ async def test_the_same_charge_sent_twice_is_taken_once(backend: Any, clock: Any
     assert other[0].remaining == 2
 
 
+@pytest.mark.parametrize(
+    "policy", [TokenBucket(10, 1), GCRA(10, 10), FixedWindow(10, 10)], ids=lambda policy: policy.algorithm
+)
+async def test_a_refund_gives_back_no_more_than_a_full_allowance(backend: Any, clock: Any, policy: Policy) -> None:
+    clock.now = T0
+    await backend.hit("k", [policy], 6)  # an estimate of 6, spent up front
+    [after], _ = await backend.charge([("k", policy, -4)], "r1", 10 * US)  # the response cost 2
+    assert after.remaining == 8
+    [after], _ = await backend.charge([("k", policy, -9)], "r2", 10 * US)
+    assert after.remaining == 10
+
+
 POLICIES: list[Policy] = [
     TokenBucket(3, 3 / 11),
     TokenBucket(5, 0.7),
@@ -99,7 +111,13 @@ entry_sets = st.lists(
     st.tuples(st.sampled_from(IDENTITIES), st.integers(0, len(POLICIES) - 1)), min_size=1, max_size=3, unique=True
 )
 steps = st.lists(
-    st.tuples(times, entry_sets, st.integers(1, 12), st.sampled_from(MODES), st.sampled_from(["t1", "t2", "t3"])),
+    st.tuples(
+        times,
+        entry_sets,
+        st.integers(-6, 12).filter(bool),
+        st.sampled_from(MODES),
+        st.sampled_from(["t1", "t2", "t3"]),
+    ),
     min_size=1,
     max_size=30,
 ).map(lambda found: sorted(found, key=lambda step: step[0]))
@@ -125,7 +143,11 @@ async def play(client: Any, sequence: list[Step]) -> None:
     redis = RedisBackend(client, clock=redis_clock, prefix=prefix)
     for number, (at, entries, cost, mode, token) in enumerate(sequence):
         memory_clock.now = redis_clock.now = at
-        hits = [(identity, POLICIES[index], cost if mode == "charge" else min(cost, 6)) for identity, index in entries]
+        # A charge may go past every limit, or be a refund (below 0); hits and checks cost 1 to 6.
+        hits = [
+            (identity, POLICIES[index], cost if mode == "charge" else max(1, min(abs(cost), 6)))
+            for identity, index in entries
+        ]
         expected: Any
         got: Any
         if mode == "hit":

@@ -18,6 +18,7 @@ __all__ = [
     "Claim",
     "Hit",
     "charged_from_flat",
+    "check_charges",
     "check_hits",
     "decision_from_reply",
     "decisions_from_flat",
@@ -136,6 +137,13 @@ def check_hits(hits: Sequence[Hit]) -> None:
                     f"{policy!r} appears twice for one key in a single hit (or with another policy of the same state)."
                 )
             seen.add(state)
+
+
+def check_charges(hits: Sequence[Hit]) -> None:
+    """check_hits() for a charge, whose cost may also be below 0: a refund (of an estimate spent up front)."""
+    check_hits(
+        [(identity, policy, -cost if cost.__class__ is int and cost < 0 else cost) for identity, policy, cost in hits]
+    )
 
 
 def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decision]:

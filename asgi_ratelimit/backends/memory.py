@@ -33,7 +33,16 @@ from ..policies import (
     Decision,
     Policy,
 )
-from .base import Charged, Claim, Hit, charged_from_flat, check_hits, decision_from_reply, slot_decision
+from .base import (
+    Charged,
+    Claim,
+    Hit,
+    charged_from_flat,
+    check_charges,
+    check_hits,
+    decision_from_reply,
+    slot_decision,
+)
 
 __all__ = ["MemoryBackend"]
 
@@ -179,7 +188,7 @@ class MemoryBackend:
     def charge_now(self, hits: Sequence[Hit], token: str, remember_us: int) -> Charged:
         """The synchronous core of charge: the ledger of the first identity remembers the token, as on Redis."""
         now = self._clock()
-        check_hits(hits)
+        check_charges(hits)
         if not hits:
             return [], 0
         ledger_name = ledger_key(self.prefix, digest(hits[0][0]))
@@ -409,6 +418,8 @@ class MemoryBackend:
         if not commit:
             return 1, 0, remaining, reset
         left = tokens - need
+        if left > full:
+            left = full  # a refund fills the bucket no further than full, as hit.lua
         reset_after = _refill_time(full - left, rate)
         self._set(key, (left, now), now, reset_after, capacity - left // SCALE)
         return 1, 0, left // SCALE, reset_after
@@ -429,6 +440,8 @@ class MemoryBackend:
             reset = newest_ends if newest_ends > 0 else 0
         if force and cost > limit:
             cost = limit  # as hit.lua: `limit` units at `now` refuse the key until they expire, as more would
+        elif force and cost < 0:
+            cost = 0  # a refund: the log keeps what was spent, as hit.lua
         if cost > limit:
             return 0, -1, limit - count, reset
         if count + cost > limit and not force:
@@ -463,6 +476,8 @@ class MemoryBackend:
         if cost > burst and not force:
             return 0, -1, available, tat - now
         new_tat = tat + cost * interval
+        if new_tat < now:
+            new_tat = now  # a refund gives back no more than a full allowance
         if new_tat - now > tolerance and not force:
             return 0, new_tat - now - tolerance, available, tat - now
         if not commit:
@@ -485,8 +500,9 @@ class MemoryBackend:
             return 0, ends, limit - count, reset
         if not commit:
             return 1, 0, limit - count, reset
-        self._set(key, (index, count + cost), now, ends, count + cost)
-        return 1, 0, limit - count - cost, ends
+        after = count + cost if count + cost > 0 else 0  # a refund takes the count down to 0 at most
+        self._set(key, (index, after), now, ends, after)
+        return 1, 0, limit - after, ends
 
     def _window_counter(
         self, key: str, now: int, cost: int, policy: Policy, commit: bool, force: bool = False
@@ -519,7 +535,7 @@ class MemoryBackend:
             return 0, max(1, wait), remaining, reset
         if not commit:
             return 1, 0, remaining, reset
-        after = current + cost
+        after = current + cost if current + cost > 0 else 0  # a refund takes the count down to 0 at most
         reset_after = 2 * window - elapsed
         left = math.floor(limit - weighted - after)
         left = left if left > 0 else 0

@@ -23,6 +23,7 @@ from .base import (
     Claim,
     Hit,
     charged_from_flat,
+    check_charges,
     check_hits,
     decision_from_reply,
     decisions_from_flat,
@@ -344,7 +345,10 @@ class RedisBackend:
 
     async def _in_mode(self, hits: Sequence[Hit], mode: bytes, token: str, remember_us: int) -> list[int]:
         """The flat reply of hit.lua in ``mode`` for ``hits``, in their order."""
-        check_hits(hits)
+        if mode == b"charge":
+            check_charges(hits)
+        else:
+            check_hits(hits)
         if not hits:
             return []
         if not self._initialised:

@@ -17,7 +17,8 @@ ARGV[2..] four values per entry i, starting at ARGV[4*(i-1)+2]:
                    charge ledger   p1 = how long (us) the ledger remembers a charge's token; cost is 1
 ARGV[4*#KEYS+2]  the token: this request's name for its slots (a concurrency entry), or for its charge.
 ARGV[4*#KEYS+3]  the mode: "" (or absent) a hit; "check" decides every entry and writes nothing;
-                 "charge" takes every entry's cost even past its limit (into debt), once per token:
+                 "charge" takes every entry's cost even past its limit (into debt), once per token; a
+                 cost below 0 is a refund, down to a full allowance at most (a sliding log keeps all):
                  the last KEY is then the identity's charge ledger (code 7), which remembers the token,
                  so the same charge sent again (a retry after a lost reply) takes nothing more.
 Returns   a flat array, four integers per entry:
@@ -98,6 +99,9 @@ local function token_bucket(key, now, cost, rate, capacity, force)
     return 0, stamp + refill_time(need - stored, rate) - now, remaining, reset
   end
   local left = tokens - need
+  if left > full then
+    left = full  -- a refund (a charge below its estimate) fills the bucket no further than full
+  end
   local reset_after = refill_time(full - left, rate)
   return 1, 0, remaining, reset, math.floor(left / SCALE), reset_after, function()
     redis.call('HSET', key, 't', string.format('%.17g', left), 'ts', string.format('%.17g', now))
@@ -117,6 +121,8 @@ local function sliding_window(key, now, cost, limit, window, force)
     -- A charge past the limit: `limit` units at `now` already refuse the key until they expire
     -- together, which more units at the same time would too; the log stays bounded by the limit.
     cost = limit
+  elseif force and cost < 0 then
+    cost = 0  -- a refund: the log keeps what was spent (which entries to take back is not known)
   end
   if cost > limit then
     return 0, -1, limit - count, reset
@@ -158,6 +164,9 @@ local function gcra(key, now, cost, interval, burst, force)
     return 0, -1, available, tat - now
   end
   local new_tat = tat + cost * interval
+  if new_tat < now then
+    new_tat = now  -- a refund gives back no more than a full allowance
+  end
   if new_tat - now > tolerance and not force then
     return 0, new_tat - now - tolerance, available, tat - now
   end
@@ -186,7 +195,7 @@ local function fixed_window(key, now, cost, limit, window, force)
     return 0, ends, limit - count, reset
   end
   return 1, 0, limit - count, reset, limit - count - cost, ends, function()
-    redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', count + cost)
+    redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', math.max(0, count + cost))
     redis.call('PEXPIRE', key, ttl_ms(ends))
   end
 end
@@ -226,7 +235,7 @@ local function window_counter(key, now, cost, limit, window, force)
     end
     return 0, math.max(1, wait), remaining, reset
   end
-  local after = current + cost
+  local after = math.max(0, current + cost)  -- a refund takes the count down to 0 at most
   local reset_after = 2 * window - elapsed
   return 1, 0, remaining, reset, math.max(0, math.floor(limit - weighted - after)), reset_after, function()
     redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', after, 'p', previous)

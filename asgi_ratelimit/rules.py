@@ -139,7 +139,7 @@ class Rule:
             docs/charging.md).  Default None: every request spends up front.
         charge: where the cost comes from once the response shows it: ``ResponseHeader(name)``,
             ``BodyBytes()`` or ``FromState(name)``; with ``cost=`` that estimate is spent up front and
-            the excess charged after.  Default None.
+            the difference settled after.  Default None.
         partition_key: add ``pk``, an opaque keyed hash of the client's key, to the rule's header
             items: ``True`` with a random secret of this process, or a secret (at least 16 bytes)
             shared by every process that counts together.  Default False.

@@ -26,6 +26,7 @@ from test_uvicorn import closing, serve
 from asgi_ratelimit import (
     GCRA,
     Backend,
+    BackendError,
     FromState,
     Header,
     RateLimitMiddleware,
@@ -197,6 +198,55 @@ async def test_a_redis_stall_during_a_charge_still_charges_exactly_once(server: 
         admin = Redis.from_url(server.url)
         await admin.flushall()
         await admin.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+def test_a_redis_stall_during_a_charge_over_real_http(server: RedisProcess) -> None:
+    assert server.process is not None
+    pid = server.process.pid
+    rule = Rule("/priced", GCRA(1000, 3600), key=Header("x-key"), charge=ResponseHeader("x-tokens-used"))
+    backend = RedisBackend.from_url(server.url)
+
+    async def priced(request: Request) -> Response:
+        if request.query_params.get("stall"):
+            os.kill(pid, signal.SIGSTOP)  # the check has answered: the charge meets the stall
+            asyncio.get_running_loop().call_later(1.5, os.kill, pid, signal.SIGCONT)
+        return PlainTextResponse("ok", headers={"x-tokens-used": "300"})
+
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/priced", priced)], lifespan=closing(backend)),
+        rules=[rule],
+        backend=backend,
+        registry=CollectorRegistry(),
+    )
+
+    async def remaining() -> int:
+        probe = RedisBackend.from_url(server.url)
+        try:
+            [decision] = await probe.check([(rule.identity("k"), GCRA(1000, 3600), 1)])
+            return decision.remaining
+        except BackendError:
+            return -1  # still frozen
+        finally:
+            await probe.aclose()
+
+    try:
+        with serve(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+            assert client.get("/priced", headers={"x-key": "warm"}).status_code == 200
+            started = time.monotonic()
+            assert client.get("/priced?stall=1", headers={"x-key": "k"}).status_code == 200
+            assert time.monotonic() - started < 1.0  # answered at the budget, not after the stall
+            deadline = time.monotonic() + 15
+            while asyncio.run(remaining()) != 700:  # the charge arrives once Redis answers again
+                assert time.monotonic() < deadline, "the charge was lost"
+                time.sleep(0.1)
+            time.sleep(1.0)  # a retry still on its way would show now
+            assert asyncio.run(remaining()) == 700  # 300 of 1,000: charged exactly once
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def test_redis_keys_of_a_charge_share_the_identity_hash_tag() -> None:

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._charge_retries import PendingCharge, PendingCharges, retrieve
 from .backends.base import Charged, ChargingBackend, Hit, new_token
 from .backends.memory import MemoryBackend
 from .charging import BodyBytes, ChargeSource, FromState, ResponseHeader
@@ -52,9 +53,6 @@ logger = logging.getLogger("asgi_ratelimit")
 #: A ``counts=`` predicate, called as (status, headers) whatever the user's takes.
 Counts = Callable[[int, Headers], bool]
 
-FIRST_PAUSE: Final = 0.02  # seconds before the first retry of a charge
-MOST_PAUSE: Final = 0.5
-MAX_PENDING: Final = 10_000
 FAILED_STATUS: Final = 500  # what a response that failed before its start is counted as
 # The longest a charge is retried (seconds), however long its window: the ledger keeps each charge's token
 # that long, so this bounds what the ledgers hold (a token per charge of the last ten minutes at most).
@@ -175,80 +173,6 @@ def _metrics_for(registry: CollectorRegistry) -> ChargeMetrics:
     if metrics is None:
         metrics = _METRICS[registry] = ChargeMetrics(registry)
     return metrics
-
-
-# -- charges retried in the background -------------------------------------------------
-
-
-@dataclass
-class _Charge:
-    hits: Sequence[Hit]
-    names: tuple[str, ...]  # the rule of each hit, for metrics
-    token: str
-    remember_us: int
-    deadline: float  # monotonic seconds
-    attempt: asyncio.Future[Charged] | None
-
-
-class PendingCharges:
-    """Charges that did not get through within the budget, sent again until they do or their window has passed."""
-
-    def __init__(self, backend: ChargingBackend, on_done: Callable[[_Charge, Charged | None], None]) -> None:
-        self.backend = backend
-        self._on_done = on_done
-        self._pending: dict[str, _Charge] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def add(self, charge: _Charge) -> None:
-        if len(self._pending) >= MAX_PENDING:
-            oldest = next(iter(self._pending))
-            self._on_done(self._pending.pop(oldest), None)
-        self._pending[charge.token] = charge
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def wait(self) -> None:
-        """Until nothing is pending (tests and shutdown)."""
-        while self._task is not None and not self._task.done():
-            await asyncio.wait([self._task])
-
-    async def _run(self) -> None:
-        pause = FIRST_PAUSE
-        while self._pending:
-            now = time.monotonic()
-            for token in [token for token, charge in self._pending.items() if charge.deadline <= now]:
-                charge = self._pending.pop(token)
-                if charge.attempt is not None:
-                    charge.attempt.add_done_callback(_retrieve)
-                self._on_done(charge, None)
-            batch = list(self._pending.values())[:64]
-            outcomes = await asyncio.gather(*(self._attempt(charge) for charge in batch), return_exceptions=True)
-            progress = False
-            for charge, outcome in zip(batch, outcomes, strict=True):
-                if self._pending.get(charge.token) is not charge:
-                    continue
-                if isinstance(outcome, BaseException):
-                    charge.attempt = None  # sent again next round
-                else:
-                    del self._pending[charge.token]
-                    self._on_done(charge, outcome)
-                    progress = True
-            if self._pending:
-                await asyncio.sleep(pause)
-                pause = FIRST_PAUSE if progress else min(pause * 2, MOST_PAUSE)
-
-    async def _attempt(self, charge: _Charge) -> Charged:
-        if charge.attempt is not None:
-            return await charge.attempt  # the first attempt, still under way: its outcome counts
-        return await self.backend.charge(charge.hits, charge.token, charge.remember_us)
-
-
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()
 
 
 # -- the request path ------------------------------------------------------------------
@@ -498,7 +422,7 @@ class Settler:
         hits = [hit for _, _, hit in charged]
         names = tuple(name for _, name, _ in charged)
         horizon = min(MOST_RETRY, max(policy.window_seconds for _, policy, _ in hits))
-        charge = _Charge(hits, names, token, (horizon + LEDGER_MARGIN) * MICROS, time.monotonic() + horizon, None)
+        charge = PendingCharge(hits, names, token, (horizon + LEDGER_MARGIN) * MICROS, time.monotonic() + horizon, None)
         if self._now is not None:
             result = self._now(hits, token, charge.remember_us)
         else:
@@ -512,18 +436,18 @@ class Settler:
             if not attempt.done() or attempt.cancelled() or attempt.exception() is not None:
                 charge.attempt = attempt if not attempt.done() else None
                 if charge.attempt is None:
-                    _retrieve(attempt)
+                    retrieve(attempt)
                 self._later(charge)
                 return []
             result = attempt.result()
         self._count(charge, result, retried=False)
         return [(index, decision) for (index, _, _), decision in zip(charged, result[0], strict=True)]
 
-    def _later(self, charge: _Charge) -> None:
+    def _later(self, charge: PendingCharge) -> None:
         assert self.pending is not None
         self.pending.add(charge)
 
-    def _finished_later(self, charge: _Charge, result: Charged | None) -> None:
+    def _finished_later(self, charge: PendingCharge, result: Charged | None) -> None:
         if result is None:
             if self.metrics is not None:
                 for name in dict.fromkeys(charge.names):
@@ -535,7 +459,7 @@ class Settler:
             return
         self._count(charge, result, retried=True)
 
-    def _count(self, charge: _Charge, result: Charged, retried: bool) -> None:
+    def _count(self, charge: PendingCharge, result: Charged, retried: bool) -> None:
         metrics = self.metrics
         if metrics is None:
             return

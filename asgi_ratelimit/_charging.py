@@ -32,7 +32,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._charge_retries import PendingCharge, PendingCharges, retrieve
-from .backends.base import Charged, ChargingBackend, Hit, new_token
+from .backends.base import Charged, ChargingBackend, Claim, Hit, new_token
 from .backends.memory import MemoryBackend
 from .charging import BodyBytes, ChargeSource, FromState, ResponseHeader
 from .errors import BackendError, ConfigurationError
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
     from .limiter import Span
     from .middleware import RateLimitMiddleware, _Guard
-    from .rules import Rule
+    from .rules import CompiledLimits, Rule
 
 __all__ = ["Settlement", "Settler", "settlement_for", "settling"]
 
@@ -239,8 +239,13 @@ class Settler:
         item_names: tuple[str, ...],
         fail_open: bool,
         guard: _Guard | None,
+        slots: list[tuple[str, str, CompiledLimits]] | None = None,
     ) -> None:
-        """Check (or spend the estimate) before the app runs, run it, and charge what its response cost."""
+        """Check (or spend the estimate) before the app runs, run it, and charge what its response cost.
+
+        Other rules' limits are spent up front, and their concurrency slots taken, as the middleware does
+        (one call, all or nothing); the slots are given back once the charge at the body's end is made.
+        """
         middleware = self.middleware
         by_name = {rule.name: rule for rule in matched}
         parts: list[_Part] = []
@@ -261,14 +266,28 @@ class Settler:
                 ]
             if settlement is not None:
                 parts.append(_Part(name, settlement, indexes, hits[indexes.start][2]))
+        claims: list[Claim] = []
+        for _, identity, limits in slots or ():
+            assert limits.concurrency is not None
+            claims.append((identity, limits.concurrency))
+        token = new_token()  # names the slots and the charges alike
+        slot_of: dict[str, Decision] = {}  # rule name -> its slot's decision
         try:
             if len(spend) < len(hits):
                 decisions = await self._check(checked)
                 self._count_checks(parts, decisions)
             else:
                 decisions = []
-            if all(decision.allowed for decision in decisions) and spend:
-                spent = await self.limiter.decide([hits[index] for index in spend])
+            if all(decision.allowed for decision in decisions) and (spend or claims):
+                spend_hits = [hits[index] for index in spend]
+                if claims:
+                    spent = await self.limiter.acquire(spend_hits, claims, token)
+                    if len(spent) > len(spend_hits):  # else the deny cache answered: no slot was looked at
+                        assert slots is not None
+                        slot_of = {name: spent[len(spend_hits) + i] for i, (name, _, _) in enumerate(slots)}
+                    spent = spent[: len(spend_hits)]
+                else:
+                    spent = await self.limiter.decide(spend_hits)
                 if decisions:
                     for index, decision in zip(spend, spent, strict=True):
                         decisions[index] = decision
@@ -279,15 +298,34 @@ class Settler:
             if not fail_open:
                 await middleware._unavailable(scope, receive, send)
                 return
-            decisions = []  # failed open: the app runs, and its charge is still made (or retried)
+            decisions = []  # failed open: the app runs (without slots), and its charge is still made
+        # Each rule counted once, its slot with its rate limits; the slots' items follow the hits' in the headers.
+        counted: list[Decision] = []
+        counted_spans: list[Span] = []
+        start = 0
+        for name, identity, size in spans if decisions else ():
+            counted += decisions[start : start + size]
+            start += size
+            slot = slot_of.get(name)
+            if slot is not None:
+                counted.append(slot)
+            counted_spans.append((name, identity, size + (slot is not None)))
+        for name, _, limits in slots or ():
+            if name in slot_of:
+                decisions.append(slot_of[name])
+                policy_items += (limits.concurrency_item,)
+                item_names += (limits.concurrency_name,)
+        if counted:
+            self.limiter.count_decisions(counted_spans, counted, middleware.dry_run)
         denied = not all(decision.allowed for decision in decisions)
-        if decisions:
-            self.limiter.count_decisions(spans, decisions, middleware.dry_run)
         if denied and not middleware.dry_run:
             headers = rate_limit_headers(decisions, policy_items, item_names, middleware.header_mode, denied=True)
             await middleware._deny(scope, receive, send, request, decisions, item_names, headers)
             return
-        await self._run_app(app, scope, receive, send, guard, hits, parts, decisions, policy_items, item_names)
+        held = claims if slot_of and not denied else []  # a refused dry run runs holding no slot
+        await self._run_app(
+            app, scope, receive, send, guard, hits, parts, decisions, policy_items, item_names, token, held
+        )
 
     async def _check(self, hits: list[Hit]) -> list[Decision]:
         limiter = self.limiter
@@ -309,11 +347,12 @@ class Settler:
         decisions: list[Decision],
         policy_items: tuple[str, ...],
         item_names: tuple[str, ...],
+        token: str,
+        held: list[Claim],
     ) -> None:
         from .middleware import _with_headers
 
         middleware = self.middleware
-        token = new_token()
         state: dict[str, Any] = scope.setdefault("state", {})  # shared with the app's request.state
         status: int | None = None
         response_headers: Headers | None = None
@@ -355,6 +394,16 @@ class Settler:
                         charged.append((index, part.name, (identity, policy, amount)))
             return charged
 
+        async def end() -> None:
+            """Charge what is known at the end, then give the slots back (before the last body part goes out)."""
+            nonlocal finished
+            finished = True
+            try:
+                await self._charge(costs(at_end=True), token + "e")
+            finally:
+                if held:
+                    await self.limiter.release(held, token)
+
         async def settling_send(message: Message) -> None:
             nonlocal status, response_headers, sent, charged_at_start, finished
             kind = message["type"]
@@ -382,14 +431,12 @@ class Settler:
                 await _with_headers(send, headers, guard)(message)
                 return
             if kind == "http.response.pathsend" and not finished:
-                finished = True  # a file the server sends: always the last message, its size unseen here
-                await self._charge(costs(at_end=True), token + "e")
+                await end()  # a file the server sends: always the last message, its size unseen here
             elif kind == "http.response.body":
                 body = message.get("body", b"")
                 if not message.get("more_body", False) and not finished:
                     sent += len(body)
-                    finished = True
-                    await self._charge(costs(at_end=True), token + "e")
+                    await end()
                     await send(message)
                     return
                 await send(message)
@@ -406,9 +453,8 @@ class Settler:
                 charged_at_start = True
                 await self._charge(costs(at_end=False), token + "s")
             if not finished:
-                finished = True
                 status = FAILED_STATUS  # the response did not complete: it failed, whatever it started as
-                await self._charge(costs(at_end=True), token + "e")
+                await end()
 
     async def _charge(self, charged: list[tuple[int, str, Hit]], token: str) -> list[tuple[int, Decision]]:
         """Make a charge within the budget: the Decisions after it, by index among the request's hits.

@@ -254,10 +254,22 @@ class RateLimitMiddleware:
         if not hits and not slots:
             await app(scope, receive, send)
             return
-        if settling() and scope["type"] == "http" and not slots and any(rule.settlement for rule in matched):
+        if settling() and scope["type"] == "http" and any(rule.settlement for rule in matched):
             # A rule counts by outcome or charges what the response cost: checked now, charged after.
             await self._settler.run(
-                app, scope, receive, send, request, matched, hits, spans, policy_items, item_names, fail_open, guard
+                app,
+                scope,
+                receive,
+                send,
+                request,
+                matched,
+                hits,
+                spans,
+                policy_items,
+                item_names,
+                fail_open,
+                guard,
+                slots,
             )
             return
         if slots:

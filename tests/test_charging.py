@@ -239,6 +239,50 @@ async def test_concurrent_requests_overshoot_by_no_more_than_their_cost_in_fligh
     assert owed == 2001
 
 
+async def test_a_concurrency_rule_beside_a_charging_one_bounds_the_requests_in_flight(mw_backend: Any) -> None:
+    from asgi_ratelimit import Concurrency
+
+    release = asyncio.Event()
+    inside = 0
+
+    async def held(request: Request) -> Response:
+        nonlocal inside
+        inside += 1
+        await release.wait()
+        inside -= 1
+        return PlainTextResponse("ok", headers={"x-tokens-used": "100"})
+
+    tokens = Rule("/held", GCRA(1000, 3600), key=Header("x-key"), charge=ResponseHeader("x-tokens-used"))
+    in_flight = Rule("/held", Concurrency(2, timeout=60), key=Header("x-key"), name="in-flight")
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/held", held)]),
+        rules=[tokens, in_flight],
+        backend=mw_backend,
+        timeout=2.0,
+        metrics=False,
+    )
+    key = {"x-key": "k"}
+    async with client_of(app) as client:
+        running = [asyncio.ensure_future(client.get("/held", headers=key)) for _ in range(2)]
+        for _ in range(200):
+            if inside == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert inside == 2
+        third = await client.get("/held", headers=key)
+        assert third.status_code == 429  # no slot: the two in flight bound the overshoot to their cost
+        release.set()
+        answers = await asyncio.gather(*running)
+        assert [answer.status_code for answer in answers] == [200, 200]
+        policy = answers[0].headers["ratelimit-policy"]
+        assert policy.startswith('"/held";') and '"in-flight";q=2' in policy
+        # The slots came back, and the two charges were taken: 200 of 1,000.
+        after = await client.get("/held", headers=key)
+        assert after.status_code == 200
+        state = dict(parse_sf_list(after.headers["ratelimit"]))
+        assert state["/held"]["r"] == 700  # charged at the start: the third charge shows
+
+
 def test_bad_configuration_names_the_rule_and_the_value() -> None:
     with pytest.raises(ConfigurationError, match=r"Rule '/login'.*counts.*'yes'"):
         Rule("/login", "5/minute", counts="yes")  # type: ignore[arg-type]

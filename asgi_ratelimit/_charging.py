@@ -9,10 +9,10 @@ show the state after it; one known only at the end (``BodyBytes``, ``FromState``
 last body part goes out, so the client's next request meets it.
 
 A charge is not given up on a Redis blip: the first attempt is awaited within the limiter's budget,
-then retried in the background, with a growing pause, until it gets through or the longest window
-of its policies has passed (a charge later than that would count against a window it was not made
-in), ten minutes at most.  It does not go through the circuit breaker: nothing waits on it.  hit.lua's charge ledger
-remembers each request's token, so a charge sent again after its reply was lost takes nothing more.
+then retried in the background (_charge_retries.py), outside the circuit breaker, within the window of
+its policies; hit.lua's charge ledger remembers each request's token, so a charge sent again after its
+reply was lost takes nothing more.  The other rules a request matches spend up front and take their
+concurrency slots as usual; the slots are given back once the charge at the body's end is made.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Settlement:
 
     counts: Counts | None  # None: every response counts
     source: ChargeSource | None  # None: the rule's cost, for a response that counts
-    estimate: bool  # cost= was given with charge=: spent up front, the excess charged after
+    estimate: bool  # cost= was given with charge=: spent up front, the difference settled after
 
     @property
     def known_at_start(self) -> bool:

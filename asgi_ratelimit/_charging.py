@@ -378,14 +378,17 @@ class Settler:
                 ):
                     continue
                 source = settlement.source
+                amount: int | None
                 if source is None:
                     amount = part.cost
                 elif isinstance(source, ResponseHeader):
-                    amount = header_costs.get(part.name) or 0
+                    amount = header_costs.get(part.name)
                 elif isinstance(source, BodyBytes):
                     amount = sent
                 else:
                     amount = _whole(state.get(source.name), part.name, source)
+                if amount is None:
+                    continue  # the app reported no cost: only the estimate (if any) is spent
                 if settlement.estimate:
                     amount -= part.cost  # the estimate is spent already: the difference, below 0 a refund
                 if amount:
@@ -538,15 +541,19 @@ def _counted(counts: Counts, status: int, headers: Headers, name: str) -> bool:
         return True
 
 
-def _whole(value: object, name: str, source: ChargeSource) -> int:
-    """A reported cost as a whole number; 0 (logged) when the app reported none, or not a number."""
+def _whole(value: object, name: str, source: ChargeSource) -> int | None:
+    """A reported cost as a whole number; None when the app reported none, or not a whole number (logged)."""
     if isinstance(value, (str, bytes)):
         with contextlib.suppress(ValueError):
             value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
     if value is not None:
+        # The value itself is not logged: a header may carry anything.
         logger.warning(
-            "asgi_ratelimit: rule %r: %r reported %r, not a whole number; nothing charged", name, source, value
+            "asgi_ratelimit: rule %r: %r is not a whole number (a %s); only the estimate, if any, is spent",
+            name,
+            source,
+            type(value).__name__,
         )
-    return 0
+    return None

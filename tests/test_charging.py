@@ -171,6 +171,24 @@ async def test_an_estimate_is_spent_up_front_and_the_excess_after(mw_clocked_bac
         assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 72
 
 
+async def test_an_estimate_stands_when_the_app_reports_no_cost(mw_clocked_backend: Any) -> None:
+    async def silent(request: Request) -> Response:
+        return PlainTextResponse("ok", headers={"x-tokens-used": request.query_params.get("tokens", "")})
+
+    rule = Rule("/silent", TokenBucket(100, 1), key=Header("x-key"), cost=10, charge=ResponseHeader("x-tokens-used"))
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/silent", silent)]),
+        rules=[rule],
+        backend=mw_clocked_backend,
+        metrics=False,
+        timeout=2.0,
+    )
+    async with client_of(app) as client:
+        for query, left in (("", 90), ("?tokens=lots", 80), ("?tokens=-3", 70)):
+            response = await client.get(f"/silent{query}", headers={"x-key": "k"})
+            assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == left, query
+
+
 async def test_body_bytes_are_charged_as_sent(mw_clocked_backend: Any) -> None:
     async def blob(request: Request) -> Response:
         return PlainTextResponse("x" * 600)

@@ -474,6 +474,10 @@ class Settler:
         charge = PendingCharge(hits, names, token, (horizon + LEDGER_MARGIN) * MICROS, time.monotonic() + horizon, None)
         if self._now is not None:
             result = self._now(hits, token, charge.remember_us)
+        elif self.limiter.state != "closed":
+            # The backend is failing: the response does not wait on it; the retries find it when it is back.
+            self._later(charge)
+            return []
         else:
             attempt = asyncio.ensure_future(self.backend.charge(hits, token, charge.remember_us))
             try:

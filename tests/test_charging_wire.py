@@ -249,6 +249,50 @@ def test_a_redis_stall_during_a_charge_over_real_http(server: RedisProcess) -> N
         os.kill(pid, signal.SIGCONT)
 
 
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:Exception ignored in. <socket.socket:pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
+async def test_a_charge_during_an_outage_waits_for_redis_not_the_response(server: RedisProcess) -> None:
+    assert server.process is not None
+    pid = server.process.pid
+    rule = Rule("/priced", GCRA(1000, 3600), key=Header("x-key"), charge=ResponseHeader("x-tokens-used"))
+    backend = RedisBackend.from_url(server.url)
+
+    async def priced(request: Request) -> Response:
+        return PlainTextResponse("ok", headers={"x-tokens-used": "300"})
+
+    middleware = RateLimitMiddleware(
+        Starlette(routes=[Route("/priced", priced)]),
+        rules=[rule],
+        backend=backend,
+        registry=CollectorRegistry(),
+        timeout=0.5,  # a response that waited on the frozen Redis would take this long
+        breaker_threshold=1,
+        breaker_cooldown=30,
+    )
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://test")
+    try:
+        assert (await client.get("/priced", headers={"x-key": "warm"})).status_code == 200
+        os.kill(pid, signal.SIGSTOP)
+        assert (await client.get("/priced", headers={"x-key": "k"})).status_code == 200  # failed open
+        assert middleware.limiter.state == "open"
+        started = time.monotonic()
+        assert (await client.get("/priced", headers={"x-key": "k"})).status_code == 200
+        assert time.monotonic() - started < 0.4  # neither the check nor the charge waited on the frozen Redis
+        os.kill(pid, signal.SIGCONT)
+        pending = middleware._settler.pending
+        assert pending is not None
+        await asyncio.wait_for(pending.wait(), 15)
+        # Both charges arrived, once each, although the breaker stays open for its cooldown.
+        [decision] = await backend.check([(rule.identity("k"), GCRA(1000, 3600), 1)])
+        assert decision.remaining == 400
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await client.aclose()
+        await backend.aclose()
+
+
 def test_redis_keys_of_a_charge_share_the_identity_hash_tag() -> None:
     from asgi_ratelimit._keys import digest, ledger_key, state_key
 

@@ -200,6 +200,7 @@ class Settler:
             backend.charge_now if type(backend) is MemoryBackend else None
         )
         self.metrics: ChargeMetrics | None = None  # built by prepare(), when a rule settles
+        self._settlements: dict[str, Settlement] = {}  # rule name -> how it settles, for the middleware's rules
         self.pending = None if self.backend is None else PendingCharges(self.backend, self._finished_later)
 
     def prepare(self, rules: Sequence[Rule]) -> None:
@@ -210,6 +211,7 @@ class Settler:
         for rule in rules:
             if rule.settlement is None:
                 continue
+            self._settlements[rule.name] = rule.settlement
             if self.backend is None:
                 raise ConfigurationError(
                     f"Rule {rule.name!r}: counts= and charge= need a backend with check() and charge() "
@@ -232,7 +234,6 @@ class Settler:
         receive: Receive,
         send: Send,
         request: HTTPConnection | None,
-        matched: Sequence[Rule],
         hits: list[Hit],
         spans: list[Span],
         policy_items: tuple[str, ...],
@@ -247,7 +248,6 @@ class Settler:
         (one call, all or nothing); the slots are given back once the charge at the body's end is made.
         """
         middleware = self.middleware
-        by_name = {rule.name: rule for rule in matched}
         parts: list[_Part] = []
         spend: list[int] = []  # hits spent up front: other rules', and estimates
         checked: list[Hit] = []  # every hit, as a check sees it (a charge= rule's: one unit)
@@ -255,7 +255,7 @@ class Settler:
         for name, _, size in spans:
             indexes = range(start, start + size)
             start += size
-            settlement = by_name[name].settlement
+            settlement = self._settlements.get(name)
             if settlement is None or settlement.estimate:
                 spend += indexes
                 checked += hits[indexes.start : indexes.stop]

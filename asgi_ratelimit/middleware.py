@@ -257,19 +257,7 @@ class RateLimitMiddleware:
         if settling() and scope["type"] == "http" and any(rule.settlement for rule in matched):
             # A rule counts by outcome or charges what the response cost: checked now, charged after.
             await self._settler.run(
-                app,
-                scope,
-                receive,
-                send,
-                request,
-                matched,
-                hits,
-                spans,
-                policy_items,
-                item_names,
-                fail_open,
-                guard,
-                slots,
+                app, scope, receive, send, request, hits, spans, policy_items, item_names, fail_open, guard, slots
             )
             return
         if slots:

@@ -473,7 +473,7 @@ class Settler:
         horizon = min(MOST_RETRY, max(policy.window_seconds for _, policy, _ in hits))
         charge = PendingCharge(hits, names, token, (horizon + LEDGER_MARGIN) * MICROS, time.monotonic() + horizon, None)
         if self._now is not None:
-            result = self._now(hits, token, charge.remember_us)
+            result = self._now(hits, "", charge.remember_us)  # made once, at once: nothing to remember
         elif self.limiter.state != "closed":
             # The backend is failing: the response does not wait on it; the retries find it when it is back.
             self._later(charge)

@@ -116,7 +116,7 @@ steps = st.lists(
         entry_sets,
         st.integers(-6, 12).filter(bool),
         st.sampled_from(MODES),
-        st.sampled_from(["t1", "t2", "t3"]),
+        st.sampled_from(["t1", "t2", "t3", ""]),  # "": a charge remembered nowhere
     ),
     min_size=1,
     max_size=30,

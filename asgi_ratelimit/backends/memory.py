@@ -18,6 +18,7 @@ import time
 from bisect import bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Protocol
 
@@ -186,19 +187,26 @@ class MemoryBackend:
         return self.charge_now(hits, token, remember_us)
 
     def charge_now(self, hits: Sequence[Hit], token: str, remember_us: int) -> Charged:
-        """The synchronous core of charge: the ledger of the first identity remembers the token, as on Redis."""
+        """The synchronous core of charge: the ledger of the first identity remembers the token, as on Redis.
+
+        An empty token is remembered nowhere (hit.lua does the same): the middleware's charges here are
+        made once, at once, and never retried.
+        """
         now = self._clock()
         check_charges(hits)
         if not hits:
             return [], 0
-        ledger_name = ledger_key(self.prefix, digest(hits[0][0]))
-        ledger: dict[str, int] | None = self._get(ledger_name, now)
-        if ledger is None:
-            ledger = {}
-        else:
-            for expired in [name for name, ends in ledger.items() if ends <= now]:
-                del ledger[expired]
-        fresh = token not in ledger
+        fresh = True
+        ledger_name = ""
+        ledger: _Ledger | None = None
+        if token:
+            ledger_name = ledger_key(self.prefix, digest(hits[0][0]))
+            ledger = self._get(ledger_name, now)
+            if ledger is None:
+                ledger = _Ledger({}, [])
+            else:
+                ledger.forget(now)
+            fresh = token not in ledger.ends
         flat: list[int] = []
         for identity, policy, cost in hits:
             key = self._key(identity, policy)
@@ -206,11 +214,11 @@ class MemoryBackend:
             if fresh:
                 decide(self, key, now, cost, policy, True, True)
             flat += decide(self, key, now, 1, policy, False)
-        if fresh:
-            ledger[token] = now + remember_us
+        if fresh and ledger is not None:
+            ledger.add(token, now + remember_us)
             entry = self._store.get(ledger_name)
             kept_us = entry[0] - now if entry is not None and entry[0] - now > remember_us else remember_us
-            # Level 0: forgetting a ledger changes no answer here, where a charge is never sent twice.
+            # Level 0: forgetting a ledger changes no answer unless a charge is sent again.
             self._set(ledger_name, ledger, now, kept_us, 0)
         return charged_from_flat(hits, flat)
 
@@ -559,6 +567,26 @@ class MemoryBackend:
         slots[token] = now + limit.timeout_us
         self._set(key, slots, now, limit.timeout_us, len(slots))
         return 1, 0, limit.limit - in_use - 1
+
+
+@dataclass
+class _Ledger:
+    """The tokens of the charges one identity has taken, with when each is forgotten (hit.lua's sorted set)."""
+
+    ends: dict[str, int]  # token -> forgotten at (us)
+    heap: list[tuple[int, str]]  # (forgotten at, token): the next to forget on top, found without a scan
+
+    def add(self, token: str, ends: int) -> None:
+        self.ends[token] = ends
+        heapq.heappush(self.heap, (ends, token))
+
+    def forget(self, now: int) -> None:
+        """Drop the tokens whose time has come (as ZREMRANGEBYSCORE -inf now)."""
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            _, token = heapq.heappop(heap)
+            if self.ends.get(token, now + 1) <= now:
+                del self.ends[token]
 
 
 _SLOT_RETRY = 1_000_000  # the most a refused slot tells a client to wait (us), as in hit.lua

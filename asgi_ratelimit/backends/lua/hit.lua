@@ -289,7 +289,8 @@ if MODE == 'charge' then
   local remember = tonumber(ARGV[4 * #KEYS])
   redis.call('ZREMRANGEBYSCORE', ledger, '-inf', string.format('%.17g', now))
   -- A token in the ledger was charged already: this call is a retry, and takes nothing more.
-  local fresh = not redis.call('ZSCORE', ledger, TOKEN)
+  -- An empty token is remembered nowhere: its charge is never sent twice.
+  local fresh = TOKEN == '' or not redis.call('ZSCORE', ledger, TOKEN)
   local results = {}
   for i = 1, #KEYS - 1 do
     local base = 4 * (i - 1) + 1
@@ -305,7 +306,7 @@ if MODE == 'charge' then
       results[#results + 1] = after[k]
     end
   end
-  if fresh then
+  if fresh and TOKEN ~= '' then
     redis.call('ZADD', ledger, string.format('%.17g', now + remember), TOKEN)
     if redis.call('PTTL', ledger) < ttl_ms(remember) then
       redis.call('PEXPIRE', ledger, ttl_ms(remember))

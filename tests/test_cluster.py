@@ -294,6 +294,34 @@ async def test_middleware_over_asgi_transport(cluster: RedisCluster, key_prefix:
     assert counter.most == 2  # one request, two rules, two calls in flight together
 
 
+async def test_failed_logins_counted_per_account_and_per_address(cluster: RedisCluster, key_prefix: str) -> None:
+    # Two counting rules of one request: their identities live in two slots, each checked and charged there.
+    async def login(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("no", status_code=401)
+
+    failed = {"methods": ["POST"], "counts": lambda status: status == 401, "algorithm": "sliding_window"}
+    backend = RedisBackend.from_url(cluster.url, cluster=True, prefix=key_prefix)
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/login", login, methods=["POST"])]),
+        rules=[
+            Rule("/login", "3/minute", key=Header("x-account"), name="account", **failed),
+            Rule("/login", "5/minute", key=ClientIP(), name="address", **failed),
+        ],
+        backend=backend,
+        registry=CollectorRegistry(),
+        timeout=2.0,
+    )
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            ann = [(await client.post("/login", headers={"x-account": "ann"})).status_code for _ in range(4)]
+            bob = [(await client.post("/login", headers={"x-account": "bob"})).status_code for _ in range(3)]
+    finally:
+        await backend.aclose()
+    assert ann == [401, 401, 401, 429]  # the account's three failures
+    assert bob == [401, 401, 429]  # the address's five: three of ann's, two of bob's
+
+
 def test_middleware_over_real_http(cluster: RedisCluster, key_prefix: str) -> None:
     app = two_rule_app(RedisBackend.from_url(cluster.url, cluster=True, prefix=key_prefix))
     with serve(app) as base, httpx.Client(base_url=base) as client:

@@ -20,7 +20,8 @@ ARGV[4*#KEYS+3]  the mode: "" (or absent) a hit; "check" decides every entry and
                  "charge" takes every entry's cost even past its limit (into debt), once per token; a
                  cost below 0 is a refund, down to a full allowance at most (a sliding log keeps all):
                  the last KEY is then the identity's charge ledger (code 7), which remembers the token,
-                 so the same charge sent again (a retry after a lost reply) takes nothing more.
+                 so the same charge sent again (a retry after a lost reply) takes nothing more; an
+                 empty token is remembered nowhere (for a charge that is never sent twice).
 Returns   a flat array, four integers per entry:
             allowed (1 or 0: this policy's own verdict), retry_after (us; -1 = never),
             remaining, reset_after (us); after the hit when every entry allowed, else before it.

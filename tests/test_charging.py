@@ -333,5 +333,13 @@ def test_the_metrics_of_a_charging_rule_are_exported_at_zero(registry: Collector
     assert registry.get_sample_value("asgi_ratelimit_debt_units_total", {"rule": "/login"}) == 0
 
 
-def test_memory_is_the_default_and_charges() -> None:
-    assert isinstance(RateLimitMiddleware(tokens_app(), rules=[login_rule()], metrics=False).backend, MemoryBackend)
+async def test_a_counting_rule_on_the_default_backend() -> None:
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/login", login, methods=["POST"])]), rules=[login_rule()], metrics=False
+    )
+    assert isinstance(app.backend, MemoryBackend)
+    async with client_of(app) as client:
+        statuses = [
+            (await client.post("/login", content="guess", headers={"x-account": "a"})).status_code for _ in range(6)
+        ]
+    assert statuses == [401] * 5 + [429]

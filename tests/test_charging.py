@@ -316,6 +316,40 @@ def test_bad_configuration_names_the_rule_and_the_value() -> None:
         Rule("/x", ["5/minute", Concurrency(2, timeout=60)], counts=lambda status: True)
 
 
+class PlainBackend:
+    """A Backend that can only hit: no check, no charge."""
+
+    async def hit(self, key: str, policies: Any, cost: int = 1) -> list[Any]:
+        return []
+
+    async def hit_many(self, hits: Any) -> list[Any]:
+        return []
+
+    async def acquire(self, hits: Any, claims: Any, token: str) -> list[Any]:
+        return []
+
+    async def release(self, claims: Any, token: str) -> None:
+        return None
+
+    async def reset(self, key: str, policies: Any) -> None:
+        return None
+
+    async def ping(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return "PlainBackend()"
+
+
+def test_a_backend_that_cannot_charge_is_refused_for_a_charging_rule() -> None:
+    with pytest.raises(ConfigurationError, match=r"Rule '/login'.*check\(\) and charge\(\).*PlainBackend\(\)"):
+        RateLimitMiddleware(tokens_app(), rules=[login_rule()], backend=PlainBackend(), metrics=False)
+    RateLimitMiddleware(tokens_app(), rules=[Rule("/x", "1/second")], backend=PlainBackend(), metrics=False)
+
+
 def test_counts_may_read_the_headers() -> None:
     rule = Rule("/x", "5/minute", counts=lambda status, headers: headers.get("x-cache") != "hit")
     assert rule.settlement is not None and rule.settlement.counts is not None

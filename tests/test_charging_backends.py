@@ -94,6 +94,23 @@ async def test_a_refund_gives_back_no_more_than_a_full_allowance(backend: Any, c
     assert after.remaining == 10
 
 
+@pytest.mark.redis
+async def test_a_check_and_a_charge_are_one_round_trip_each(redis_url: str, key_prefix: str) -> None:
+    backend = RedisBackend(Redis.from_url(redis_url), prefix=key_prefix)
+    hits = [("k", TokenBucket(10, 1), 1), ("k", GCRA(10, 10), 1), ("k", FixedWindow(10, 10), 1)]
+    try:
+        await backend.check(hits)  # connects and loads the script
+        before = backend.round_trips
+        await backend.check(hits)
+        await backend.charge([(identity, policy, 12) for identity, policy, _ in hits], "t", 10 * US)
+        assert backend.round_trips - before == 2
+    finally:
+        keys = [key async for key in backend.client.scan_iter(match=f"{key_prefix}*")]
+        if keys:
+            await backend.client.delete(*keys)
+        await backend.aclose()
+
+
 POLICIES: list[Policy] = [
     TokenBucket(3, 3 / 11),
     TokenBucket(5, 0.7),

@@ -301,9 +301,26 @@ class Limiter:
         if self.deny_cache is not None:
             self.deny_cache.forget(key)
 
-    async def check(self, method: Callable[[Sequence[Hit]], Coroutine[Any, Any, T]], hits: Sequence[Hit]) -> T:
-        """``method(hits)`` (a backend's check, which spends nothing) within the budget, behind the breaker."""
-        return await self._guarded(method, hits)
+    async def check(
+        self, method: Callable[[Sequence[Hit]], Coroutine[Any, Any, list[Decision]]], hits: Sequence[Hit]
+    ) -> list[Decision]:
+        """``method(hits)`` (a backend's check, which spends nothing) within the budget, behind the breaker.
+
+        A refused check is remembered in the deny cache as a refused hit is: a check refuses exactly when
+        a hit of the same cost would, so a flood on a key out of quota costs no round trips either.
+        """
+        cache = self.deny_cache
+        if cache is None:
+            return await self._guarded(method, hits)
+        signature = tuple(hits)
+        cached = cache.get(signature)
+        if cached is not None:
+            return cached
+        sent_at = self._clock()
+        decisions = await self._guarded(method, hits)
+        if not all(decision.allowed for decision in decisions):
+            cache.put(signature, decisions, sent_at)
+        return decisions
 
     def check_in_process(
         self, method: Callable[[Sequence[Hit]], list[Decision]], hits: Sequence[Hit]

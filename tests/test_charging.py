@@ -131,6 +131,37 @@ async def test_failed_logins_count_and_right_passwords_never_do(
     assert registry.get_sample_value("asgi_ratelimit_charges_total", {"rule": "/login", "result": "charged"}) == 6
 
 
+@pytest.mark.redis
+async def test_a_flood_of_wrong_passwords_on_a_locked_account_costs_no_round_trips(
+    redis_url: str, key_prefix: str
+) -> None:
+    from redis.asyncio import Redis
+
+    from asgi_ratelimit import RedisBackend
+
+    backend = RedisBackend(Redis.from_url(redis_url), prefix=key_prefix)
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/login", login, methods=["POST"])]),
+        rules=[login_rule()],
+        backend=backend,
+        metrics=False,
+        timeout=2.0,
+    )
+    try:
+        async with client_of(app) as client:
+            ann = {"x-account": "ann"}
+            for _ in range(5):
+                assert (await client.post("/login", content="guess", headers=ann)).status_code == 401
+            assert (await client.post("/login", content="guess", headers=ann)).status_code == 429
+            before = backend.round_trips
+            for _ in range(20):
+                refused = await client.post("/login", content="guess", headers=ann)
+                assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
+            assert backend.round_trips == before  # answered from the deny cache
+    finally:
+        await backend.aclose()
+
+
 async def test_a_streamed_cost_known_at_the_end_is_a_debt_repaid_at_the_refill_rate(
     mw_clocked_backend: Any, clock: ManualClock, registry: CollectorRegistry
 ) -> None:

@@ -373,13 +373,16 @@ class Settler:
                 settlement = part.settlement
                 if settlement.known_at_start == at_end:
                     continue
-                if settlement.counts is not None and not _counted(
+                counted = settlement.counts is None or _counted(
                     settlement.counts, status or FAILED_STATUS, response_headers or Headers(), part.name
-                ):
-                    continue
+                )
                 source = settlement.source
                 amount: int | None
-                if source is None:
+                if not counted:
+                    if not settlement.estimate:
+                        continue
+                    amount = 0  # a response that does not count gives its estimate back
+                elif source is None:
                     amount = part.cost
                 elif isinstance(source, ResponseHeader):
                     amount = header_costs.get(part.name)

@@ -237,6 +237,30 @@ async def test_an_estimate_stands_when_the_app_reports_no_cost(mw_clocked_backen
             assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == left, query
 
 
+async def test_an_estimate_is_given_back_when_the_response_does_not_count(mw_clocked_backend: Any) -> None:
+    async def model(request: Request) -> Response:
+        status = int(request.query_params.get("status", "200"))
+        return PlainTextResponse("answer", status_code=status, headers={"x-tokens-used": "4"})
+
+    rule = Rule(
+        "/model",
+        TokenBucket(100, 1),
+        key=Header("x-key"),
+        cost=10,
+        charge=ResponseHeader("x-tokens-used"),
+        counts=lambda status: status < 500,  # the model failing costs the client nothing
+    )
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/model", model)]), rules=[rule], backend=mw_clocked_backend, timeout=2.0, metrics=False
+    )
+    async with client_of(app) as client:
+        response = await client.get("/model", headers={"x-key": "k"})
+        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 96  # 10 up front, 6 back
+        response = await client.get("/model?status=503", headers={"x-key": "k"})
+        assert response.status_code == 503
+        assert parse_sf_list(response.headers["ratelimit"])[0][1]["r"] == 96  # 10 up front, 10 back
+
+
 async def test_body_bytes_are_charged_as_sent(mw_clocked_backend: Any) -> None:
     async def blob(request: Request) -> Response:
         return PlainTextResponse("x" * 600)

@@ -1,6 +1,7 @@
 """asgi_ratelimit: rate limiting for ASGI apps, on atomic Redis scripts or in memory."""
 
 from .backends import Backend, MemoryBackend, RedisBackend
+from .charging import BodyBytes, FromState, ResponseHeader
 from .errors import BackendError, ConfigurationError
 from .extractors import ClientIP, FirstOf, Header, JWTClaim
 from .health import operations_app
@@ -25,18 +26,21 @@ __all__ = [
     "GCRA",
     "Backend",
     "BackendError",
+    "BodyBytes",
     "ClientIP",
     "Concurrency",
     "ConfigurationError",
     "Decision",
     "FirstOf",
     "FixedWindow",
+    "FromState",
     "Header",
     "JWTClaim",
     "MemoryBackend",
     "Policy",
     "RateLimitMiddleware",
     "RedisBackend",
+    "ResponseHeader",
     "Rule",
     "SlidingWindow",
     "SlidingWindowCounter",

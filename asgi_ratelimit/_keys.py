@@ -11,7 +11,7 @@ from hashlib import blake2b
 
 from .policies import Policy
 
-__all__ = ["digest", "slots_key", "state_key"]
+__all__ = ["digest", "ledger_key", "slots_key", "state_key"]
 
 
 def digest(identity: str) -> str:
@@ -27,3 +27,8 @@ def state_key(prefix: str, identity_digest: str, policy: Policy) -> str:
 def slots_key(prefix: str, identity_digest: str) -> str:
     """The key holding one identity's concurrency slots."""
     return f"{prefix}{{{identity_digest}}}:slots"
+
+
+def ledger_key(prefix: str, identity_digest: str) -> str:
+    """The key remembering which charges one identity has taken already (by request token)."""
+    return f"{prefix}{{{identity_digest}}}:charged"

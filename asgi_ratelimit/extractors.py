@@ -12,6 +12,7 @@ extractors only make sure identities are honest.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from hashlib import blake2b
@@ -200,7 +201,7 @@ class ClientIP:
         self._read_list = not self._read_forwarded
         # Peer or hop text -> (key, trusted), None for non-addresses.  Parsing an IPv6 address costs
         # microseconds; clients repeat.  Attackers can vary the text freely, hence the bound.
-        self._cache: dict[str, tuple[str, bool] | None] = {}
+        self._remembered = functools.lru_cache(maxsize=_MAX_CACHE)(self._parse)
 
     def __repr__(self) -> str:
         return (
@@ -221,17 +222,12 @@ class ClientIP:
 
     def _resolve(self, text: str) -> tuple[str, bool] | None:
         """(key, trusted) for an address as a peer or a hop gives it, or None when it is not an address."""
-        try:
-            return self._cache[text]
-        except KeyError:
-            pass
+        # Long values are never addresses: remembering them would only cost memory.
+        return self._remembered(text) if len(text) <= _MAX_NODE_LENGTH else self._parse(text)
+
+    def _parse(self, text: str) -> tuple[str, bool] | None:
         address = _parse_node(text)
-        result = None if address is None else (self._key(address), self._is_trusted(address))
-        if len(text) <= _MAX_NODE_LENGTH:  # long values are never addresses; keeping them would cost memory
-            if len(self._cache) >= _MAX_CACHE:
-                self._cache.clear()
-            self._cache[text] = result
-        return result
+        return None if address is None else (self._key(address), self._is_trusted(address))
 
     def _hops(self, scope: Scope) -> Iterator[str]:
         """The hops reported by the configured header, at most 64, rightmost first, parsed as they are reached."""

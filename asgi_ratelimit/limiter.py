@@ -232,19 +232,43 @@ class Limiter:
     # (MemoryBackend) or waited on in _wait() within the budget.  Success, failure and abandoned
     # calls are counted there and nowhere else.
 
-    async def decide(self, hits: Sequence[Hit]) -> list[Decision]:
+    def decide(self, hits: Sequence[Hit]) -> Coroutine[Any, Any, list[Decision]]:
         """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
+        return self._through_cache(self.backend.submit, hits, (), "")
+
+    def check(
+        self, method: Callable[[Sequence[Hit]], Awaitable[list[Decision]]], hits: Sequence[Hit]
+    ) -> Coroutine[Any, Any, list[Decision]]:
+        """``method(hits)`` (a backend's check, which spends nothing) within the budget, behind the breaker.
+
+        A refused check is remembered in the deny cache as a refused hit is: a check refuses exactly when
+        a hit of the same cost would, so a flood on a key out of quota costs no round trips either.
+        """
+        return self._through_cache(method, hits)
+
+    def check_in_process(
+        self, method: Callable[[Sequence[Hit]], list[Decision]], hits: Sequence[Hit]
+    ) -> list[Decision]:
+        """check() for a backend's synchronous check (MemoryBackend.check_now): behind the breaker, at once."""
+        outcome = self._begin(method, hits)
+        if not isinstance(outcome, list):
+            outcome.close()
+            raise BackendError(f"{method!r} did not decide at once")
+        return outcome
+
+    async def _through_cache(self, start: Callable[..., Any], hits: Sequence[Hit], *args: Any) -> list[Decision]:
+        """``start(hits, *args)`` through _begin(), answered from the deny cache while it refuses them."""
         cache = self.deny_cache
         if cache is None:
-            outcome = self._begin(self.backend.submit, hits, (), "")
+            outcome = self._begin(start, hits, *args)
             return outcome if isinstance(outcome, list) else await outcome
         signature = tuple(hits)
         cached = cache.get(signature)
         if cached is not None:
             return cached
         sent_at = self._clock()
-        outcome = self._begin(self.backend.submit, hits, (), "")
-        decisions = outcome if isinstance(outcome, list) else await outcome
+        outcome = self._begin(start, hits, *args)
+        decisions: list[Decision] = outcome if isinstance(outcome, list) else await outcome
         if not all(decision.allowed for decision in decisions):
             cache.put(signature, decisions, sent_at)
         return decisions

@@ -7,6 +7,7 @@ app run, adding the headers to ``http.response.start`` as it passes (bodies stre
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -19,6 +20,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._charging import Settler, settling
 from ._context import Refusal, current_guard
 from ._scope import route_path
 from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
@@ -138,7 +140,8 @@ class RateLimitMiddleware:
             if isinstance(exempt, str):
                 raise ConfigurationError(f"exempt must be a list of paths or a predicate, got {exempt!r}.")
             self._exempt_paths = [PathPattern(path, "exempt path") for path in exempt]
-        self._deny_bodies: dict[tuple[tuple[str, ...], int, bool], bytes] = {}  # 429 bodies already built
+        self._settler = Settler(self)  # for rules with counts= or charge=
+        self._settler.prepare(self.rules)
 
     def _add_rule(self, rule: Rule) -> None:
         if any(existing.name == rule.name for existing in self.rules):
@@ -249,6 +252,12 @@ class RateLimitMiddleware:
                 fail_open = False
         if not hits and not slots:
             await app(scope, receive, send)
+            return
+        if settling() and scope["type"] == "http" and any(rule.settlement for rule in matched):
+            # A rule counts by outcome or charges what the response cost: checked now, charged after.
+            await self._settler.run(
+                app, scope, receive, send, request, hits, spans, policy_items, item_names, fail_open, guard, slots
+            )
             return
         if slots:
             # The rate limits and the slots are decided together, in one backend call.
@@ -410,30 +419,7 @@ class RateLimitMiddleware:
                 violated.append(name)
                 wait = max(wait, retry_after_seconds(decision))
                 never = never or decision.never
-        # A flood repeats the same few bodies: build each once (bounded: a rule with a pk names each key's items
-        # apart, so its bodies are as many as the keys refused, and the cache starts over at 1024).
-        body_key = (tuple(violated), wait, never)
-        body = self._deny_bodies.get(body_key)
-        if body is None:
-            detail = (
-                "This request costs more than the limit allows; it can never be accepted."
-                if never
-                else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
-            )
-            # The draft's quota-exceeded problem: clients act on "violated-policies" (the names the
-            # RateLimit-Policy items carry) and "retry_after" without parsing the detail.
-            problem = {
-                "type": QUOTA_EXCEEDED,
-                "title": "Quota Exceeded",
-                "status": 429,
-                "detail": detail,
-                "retry_after": wait,
-                "violated-policies": [item_name(name) for name in violated],
-            }
-            body = _problem_body(problem)
-            if len(self._deny_bodies) >= 1024:
-                self._deny_bodies.clear()
-            self._deny_bodies[body_key] = body
+        body = _deny_body(tuple(violated), wait, never)
         await _respond(scope, receive, send, 429, body, "Too Many Requests", headers)
 
     async def _on_limited(self, request: HTTPConnection, decisions: Sequence[Decision]) -> ASGIApp | None:
@@ -481,8 +467,7 @@ class RateLimitMiddleware:
         if rule is None:
             names = ", ".join(repr(rule.name) for rule in self.rules) or "none"
             raise ConfigurationError(f"No rule is named {rule_name!r}; the rules are: {names}.")
-        tiers = [rule.static] if rule.static is not None else list(rule._dynamic_cache.values())
-        policies = list(dict.fromkeys(policy for limits in tiers for policy in limits.policies))
+        policies = list(dict.fromkeys(policy for limits in rule.known_limits() for policy in limits.policies))
         await self.limiter.reset(rule.identity(key), policies)
 
 
@@ -663,6 +648,29 @@ def _with_headers(send: Send, headers: list[tuple[bytes, bytes]], guard: _Guard 
         return send(message)
 
     return send_with_headers
+
+
+# A flood repeats the same few bodies: each is built once.  Bounded: a rule with a pk names each key's items
+# apart, so its bodies are as many as the keys refused.
+@functools.lru_cache(maxsize=1024)
+def _deny_body(violated: tuple[str, ...], wait: int, never: bool) -> bytes:
+    """The default 429's body: the draft's quota-exceeded problem, naming the limits that refused."""
+    detail = (
+        "This request costs more than the limit allows; it can never be accepted."
+        if never
+        else f"Rate limit exceeded; retry in {wait} second{'s' if wait != 1 else ''}."
+    )
+    # Clients act on "violated-policies" (the names the RateLimit-Policy items carry) and "retry_after"
+    # without parsing the detail.
+    problem = {
+        "type": QUOTA_EXCEEDED,
+        "title": "Quota Exceeded",
+        "status": 429,
+        "detail": detail,
+        "retry_after": wait,
+        "violated-policies": [item_name(name) for name in violated],
+    }
+    return _problem_body(problem)
 
 
 def _problem_body(problem: dict[str, Any]) -> bytes:

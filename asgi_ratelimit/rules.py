@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, Union, cast
 
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection
 from starlette.routing import compile_path
 from starlette.types import Scope
 
+from ._charging import settlement_for
 from ._context import current_guard
 from ._partition import partition_key, partition_secret
+from .charging import ChargeSource
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
 from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
@@ -131,6 +134,12 @@ class Rule:
         fail_open: overrides the middleware's ``fail_open`` for this rule when not None.
         quota_unit: what the cost counts, as RateLimit-Policy's ``qu`` says: ``"requests"`` (the
             default, not sent) or ``"content-bytes"`` (a cost callable that returns the request's size).
+        counts: a predicate of the response status (or of status and headers) saying whether a response
+            spends quota; the request is then checked without spending before the app runs (see
+            docs/charging.md).  Default None: every request spends up front.
+        charge: where the cost comes from once the response shows it: ``ResponseHeader(name)``,
+            ``BodyBytes()`` or ``FromState(name)``; with ``cost=`` that estimate is spent up front and
+            the difference settled after.  Default None.
         partition_key: add ``pk``, an opaque keyed hash of the client's key, to the rule's header
             items: ``True`` with a random secret of this process, or a secret (at least 16 bytes)
             shared by every process that counts together.  Default False.
@@ -144,11 +153,13 @@ class Rule:
         key: KeyFunc | None = None,
         methods: Iterable[str] | None = None,
         algorithm: str = DEFAULT_ALGORITHM,
-        cost: int | CostFunc = 1,
+        cost: int | CostFunc | None = None,
         name: str | None = None,
         fail_open: bool | None = None,
         quota_unit: str = "requests",
         partition_key: bool | bytes | str = False,
+        counts: Callable[[int], bool] | Callable[[int, Headers], bool] | None = None,
+        charge: ChargeSource | None = None,
     ) -> None:
         self.path = path
         self.pattern = PathPattern(path, "Rule")
@@ -184,6 +195,9 @@ class Rule:
                 raise ConfigurationError(f"{label}: unknown HTTP method(s) {sorted(unknown)!r}.")
             # A GET route answers HEAD too; limit both alike.
             self.methods = upper | {"HEAD"} if "GET" in upper else upper
+        cost_given = cost is not None
+        if cost is None:
+            cost = 1
         if callable(cost) and not isinstance(cost, (int, bool)):
             self.cost: int | CostFunc = cost
         elif isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
@@ -201,17 +215,21 @@ class Rule:
         self.quota_unit = quota_unit
         #: The HMAC secret of the rule's pk values; None when its headers carry no pk.
         self.partition_secret = partition_secret(label, partition_key)
-        #: key -> (its limits, the same with the key's pk in every item), for the keys seen lately.
-        self._partitioned: dict[str, tuple[CompiledLimits, CompiledLimits]] = {}
         self.dynamic: DynamicLimits | None = None
         self.static: CompiledLimits | None = None
-        self._dynamic_cache: dict[Any, CompiledLimits] = {}
+        self._tiers: dict[Any, CompiledLimits] = {}  # what ``dynamic`` returned -> compiled (tiers are few)
         if callable(limits) and not isinstance(limits, (str, Policy, Concurrency)):
             self.dynamic = limits
         else:
             self.static = self.compile_limits(limits)
-        #: key -> identity, for the keys seen lately (see identity()).
-        self.identities: dict[str, str] = {}
+        #: What the backend counts a key under for this rule (name, separator, key): two rules never share a
+        #: key's counts.  Remembered for the keys seen lately, so a client's next request finds the same string,
+        #: whose hash Python has already computed, instead of joining and hashing a new one.
+        self.identity: Callable[[str], str] = functools.lru_cache(maxsize=_IDENTITIES_KEPT)(
+            functools.partial(str.__add__, self.name + IDENTITY_SEPARATOR)
+        )
+        # limits -> the same with a key's pk in every header item, for the keys seen lately (see partitioned()).
+        self._partitioned_by_key = functools.lru_cache(maxsize=_IDENTITIES_KEPT)(self._with_pk)
         # A built-in extractor reads the scope alone: with static limits and a whole-number cost, the rule
         # calls no user code and needs no Request (see resolve_scope).
         scope_key = scope_reader(self.key)
@@ -219,6 +237,10 @@ class Rule:
         self._fixed_cost = self.cost if isinstance(self.cost, int) else 0
         #: Whether resolve_scope() decides what the rule applies; else resolve() does, given the Request.
         self.reads_scope = self._scope_key is not None
+        #: How the rule is charged after the response (counts= or charge=); None: it spends up front.
+        self.settlement = settlement_for(
+            label, counts, charge, cost_given, self.static is not None and self.static.concurrency is not None
+        )
 
     def __repr__(self) -> str:
         return f"Rule({self.path!r}, name={self.name!r})"
@@ -232,7 +254,7 @@ class Rule:
         value = self._scope_key(scope)
         if value is None:
             return None
-        identity = self.identities.get(value) or self.identity(value)  # no call for a key seen lately
+        identity = self.identity(value)
         limits = self.static if self.partition_secret is None else self.partitioned(self.static, identity)
         return identity, limits, self._fixed_cost
 
@@ -252,31 +274,16 @@ class Rule:
             limits = self.partitioned(limits, identity)
         return identity, limits, self.cost_for(request)
 
-    def identity(self, key: str) -> str:
-        """What the backend counts ``key`` under for this rule: two rules never share a key's counts.
-
-        Remembered per key (up to _IDENTITIES_KEPT of them): a client's next request finds the same
-        string, whose hash Python has already computed, instead of joining and hashing a new one.
-        """
-        identity = self.identities.get(key)
-        if identity is None:
-            if len(self.identities) >= _IDENTITIES_KEPT:
-                self.identities.clear()
-            identity = self.identities[key] = self.name + IDENTITY_SEPARATOR + key
-        return identity
-
     def partitioned(self, limits: CompiledLimits, identity: str) -> CompiledLimits:
         """``limits`` with the pk of ``identity`` in every header item (remembered per key, as identity() is)."""
-        secret = self.partition_secret
-        if secret is None:
-            return limits
-        cached = self._partitioned.get(identity)
-        if cached is not None and cached[0] is limits:
-            return cached[1]
-        pk = ";pk=" + partition_key(secret, identity)
+        return limits if self.partition_secret is None else self._partitioned_by_key(limits, identity)
+
+    def _with_pk(self, limits: CompiledLimits, identity: str) -> CompiledLimits:
+        assert self.partition_secret is not None
+        pk = ";pk=" + partition_key(self.partition_secret, identity)
         items = tuple(item + pk for item in limits.policy_items)
         names = tuple(name + pk for name in limits.item_names)
-        keyed = dataclasses.replace(
+        return dataclasses.replace(
             limits,
             policy_items=items,
             item_names=names,
@@ -285,10 +292,6 @@ class Rule:
             policy_header=", ".join(items).encode("ascii"),
             state_format=None if limits.state_format is None else state_format_of(names[0]),
         )
-        if len(self._partitioned) >= _IDENTITIES_KEPT:
-            self._partitioned.clear()
-        self._partitioned[identity] = (limits, keyed)
-        return keyed
 
     def matches(self, method: str, path: str) -> bool:
         """Whether this rule applies to a request of ``method`` on ``path``."""
@@ -306,13 +309,17 @@ class Rule:
             return self.static
         assert self.dynamic is not None
         spec = self.dynamic(request)
-        cache_key = tuple(spec) if isinstance(spec, (list, tuple)) else spec
-        compiled = self._dynamic_cache.get(cache_key)
+        tier = tuple(spec) if isinstance(spec, list) else spec
+        compiled = self._tiers.get(tier)
         if compiled is None:
             compiled = self.compile_limits(spec)
-            if len(self._dynamic_cache) < 1024:  # tiers are few; never let this grow unbounded
-                self._dynamic_cache[cache_key] = compiled
+            if len(self._tiers) < 1024:  # a guard: a callable that returns a new value per request
+                self._tiers[tier] = compiled
         return compiled
+
+    def known_limits(self) -> list[CompiledLimits]:
+        """The rule's limits: the static ones, or every tier its callable has returned in this process."""
+        return [self.static] if self.static is not None else list(self._tiers.values())
 
     def compile_limits(self, limits: Limits | Concurrency | Sequence[LimitSpec | Concurrency]) -> CompiledLimits:
         """Parse and validate limits, and preformat their header items."""

@@ -4,6 +4,9 @@
 - ``GET /api/...``: limited per API key (the ``X-API-Key`` header; per client IP without one), with the
   tier taken from the ``plan`` claim of a *verified* JWT in ``Authorization: Bearer ...`` (free when
   absent or forged).
+- ``POST /ai/complete``: a streamed answer charged by the tokens it used, known only at its end:
+  2,000 tokens a minute per API key (per client IP without one); a key that overspends owes the
+  difference and is refused until the refill has paid it back.
 - Everything: a global ceiling of 1,000 requests a second, shared by all clients.
 - ``POST /check``: the decision service, for callers in other languages.
 - ``/metrics``, ``/health`` and ``/health/live`` for operators.
@@ -13,19 +16,22 @@ Run it with ``python -m example_app`` (in-memory counts), or with ``REDIS_URL`` 
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Mount, Route
 
 from asgi_ratelimit import (
     GCRA,
     ClientIP,
     FirstOf,
+    FromState,
     Header,
     JWTClaim,
     MemoryBackend,
@@ -62,8 +68,23 @@ async def items(request: Request) -> JSONResponse:
     return JSONResponse({"items": [{"id": 1, "name": "widget"}, {"id": 2, "name": "gadget"}]})
 
 
+async def complete(request: Request) -> StreamingResponse:
+    """A stand-in for a language model: one token per word of the prompt, echoed back as it streams."""
+    prompt = (await request.body()).decode(errors="replace").split()
+
+    async def stream() -> AsyncIterator[bytes]:
+        used = 0
+        for word in prompt:
+            await asyncio.sleep(0)
+            used += 1
+            yield word.encode() + b" "
+        request.state.tokens_used = used  # the real cost, known once the answer is done
+
+    return StreamingResponse(stream(), media_type="text/plain")
+
+
 async def home(request: Request) -> JSONResponse:
-    return JSONResponse({"see": ["/login", "/api/items", "/check", "/metrics", "/health"]})
+    return JSONResponse({"see": ["/login", "/api/items", "/ai/complete", "/check", "/metrics", "/health"]})
 
 
 def build_backend() -> Any:
@@ -92,6 +113,7 @@ def create_app(backend: Any = None, *, registry: CollectorRegistry | None = None
             Route("/", home),
             Route("/login", login, methods=["POST"]),
             Route("/api/items", items),
+            Route("/ai/complete", complete, methods=["POST"]),
             Mount("/", app=create_decision_service(backend)),
         ]
     )
@@ -102,6 +124,13 @@ def create_app(backend: Any = None, *, registry: CollectorRegistry | None = None
             # Brute-force protection wants the exact count: at most 5 in any 60 s (the log holds 5 entries a client).
             Rule("/login", "5/minute", key=client_ip, methods=["POST"], name="login", algorithm="sliding_window"),
             Rule("/api/{path:path}", api_limits, key=api_key, name="api"),
+            Rule(
+                "/ai/complete",
+                TokenBucket(capacity=2000, refill_rate=2000 / 60),
+                key=api_key,
+                charge=FromState("tokens_used"),
+                name="ai-tokens",
+            ),
             Rule(
                 "/{path:path}", TokenBucket(capacity=1000, refill_rate=1000), key=lambda request: "all", name="global"
             ),

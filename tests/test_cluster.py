@@ -27,6 +27,11 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
+from test_charging_backends import (  # the check and charge cases, collected again on the cluster
+    test_a_charge_past_the_limit_is_a_debt,  # noqa: F401
+    test_check_spends_nothing_and_refuses_only_an_exhausted_key,  # noqa: F401
+    test_the_same_charge_sent_twice_is_taken_once,  # noqa: F401
+)
 from test_concurrency import admitted_by_workers
 from test_conformance import *  # noqa: F403  (the conformance suite, collected again on the cluster)
 from test_conformance import T0, seen
@@ -211,6 +216,17 @@ async def test_two_identities_are_decided_at_once(cluster: RedisCluster, key_pre
     assert counter.most == 2
 
 
+async def test_a_charge_of_two_identities_is_taken_once_in_each_slot(backend: RedisBackend, clock: ManualClock) -> None:
+    # Each identity's charge is one call in its own slot, remembered in that identity's ledger.
+    per_ip, per_key = FixedWindow(10, 60), GCRA(10, 60)
+    clock.now = T0
+    hits = [("ip", per_ip, 4), ("key", per_key, 12)]
+    first = await backend.charge(hits, "request-1", 60_000_000)
+    assert await backend.charge(hits, "request-1", 60_000_000) == first  # the retry takes nothing more
+    assert [d.remaining for d in first[0]] == [6, 0] and first[1] == 2  # 10 - 4 left; 12 of 10: 2 owed
+    assert [d.allowed for d in await backend.check([("ip", per_ip, 1), ("key", per_key, 1)])] == [True, False]
+
+
 # -- the middleware --------------------------------------------------------------------------------
 
 
@@ -276,6 +292,34 @@ async def test_middleware_over_asgi_transport(cluster: RedisCluster, key_prefix:
         await backend.aclose()
     check_two_rules(responses)
     assert counter.most == 2  # one request, two rules, two calls in flight together
+
+
+async def test_failed_logins_counted_per_account_and_per_address(cluster: RedisCluster, key_prefix: str) -> None:
+    # Two counting rules of one request: their identities live in two slots, each checked and charged there.
+    async def login(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("no", status_code=401)
+
+    failed = {"methods": ["POST"], "counts": lambda status: status == 401, "algorithm": "sliding_window"}
+    backend = RedisBackend.from_url(cluster.url, cluster=True, prefix=key_prefix)
+    app = RateLimitMiddleware(
+        Starlette(routes=[Route("/login", login, methods=["POST"])]),
+        rules=[
+            Rule("/login", "3/minute", key=Header("x-account"), name="account", **failed),
+            Rule("/login", "5/minute", key=ClientIP(), name="address", **failed),
+        ],
+        backend=backend,
+        registry=CollectorRegistry(),
+        timeout=2.0,
+    )
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 40000))
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            ann = [(await client.post("/login", headers={"x-account": "ann"})).status_code for _ in range(4)]
+            bob = [(await client.post("/login", headers={"x-account": "bob"})).status_code for _ in range(3)]
+    finally:
+        await backend.aclose()
+    assert ann == [401, 401, 401, 429]  # the account's three failures
+    assert bob == [401, 401, 429]  # the address's five: three of ann's, two of bob's
 
 
 def test_middleware_over_real_http(cluster: RedisCluster, key_prefix: str) -> None:

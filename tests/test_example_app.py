@@ -54,6 +54,19 @@ async def test_logins_are_counted_per_client_ip(client: httpx.AsyncClient) -> No
         assert (await other.post("/login")).status_code == 200
 
 
+async def test_ai_tokens_are_charged_when_the_answer_ends_and_a_debt_is_repaid(client: httpx.AsyncClient) -> None:
+    key = {"x-api-key": "model-user"}
+    long_prompt = " ".join(["word"] * 2500)  # 2,500 tokens of a 2,000-token budget
+    answer = await client.post("/ai/complete", content=long_prompt, headers=key)
+    assert answer.status_code == 200 and answer.text.count("word") == 2500
+    refused = await client.post("/ai/complete", content="hi", headers=key)
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "16"  # 501 tokens at 2000/60 a second: 15.03 s
+    NOW[0] += 15_030_000
+    assert (await client.post("/ai/complete", content="hi", headers=key)).status_code == 200
+    assert (await client.post("/ai/complete", content="hi", headers={"x-api-key": "other"})).status_code == 200
+
+
 async def burst(client: httpx.AsyncClient, headers: dict[str, str], count: int) -> list[int]:
     return [(await client.get("/api/items", headers=headers)).status_code for _ in range(count)]
 

@@ -18,6 +18,10 @@ PUBLIC = {
     "Header",
     "JWTClaim",
     "FirstOf",
+    # costs known from the response (Rule(charge=...))
+    "ResponseHeader",
+    "BodyBytes",
+    "FromState",
     # limits and decisions
     "Policy",
     "Concurrency",

@@ -12,11 +12,16 @@ from ..errors import ConfigurationError
 from ..policies import MICROS, Concurrency, Decision, Policy, new_decision
 
 __all__ = [
+    "LEDGER_CODE",
     "Backend",
     "Call",
+    "Charged",
+    "ChargingBackend",
     "Claim",
     "Hit",
     "Outcome",
+    "charged_from_flat",
+    "check_charges",
     "check_hits",
     "decision_from_reply",
     "decisions_from_flat",
@@ -128,6 +133,39 @@ class Backend(Protocol):
         ...
 
 
+#: A charge's answer: the Decisions a next request of one unit would meet, and the units the key owes
+#: (how far below zero its most indebted policy is; 0 when none is).
+Charged = tuple[list[Decision], int]
+
+#: The code of a charge ledger entry in hit.lua: the key remembering the tokens already charged.
+LEDGER_CODE = 7
+
+
+@runtime_checkable
+class ChargingBackend(Protocol):
+    """A Backend that can also check without spending, and charge after the fact (rules with counts= or charge=)."""
+
+    async def check(self, hits: Sequence[Hit]) -> list[Decision]:
+        """Decide ``hits`` without taking anything: each Decision says whether that cost would be allowed now."""
+        ...
+
+    async def charge(self, hits: Sequence[Hit], token: str, remember_us: int) -> Charged:
+        """Take every hit's cost, even past its limit (into debt), once per ``token`` for ``remember_us``.
+
+        The same call again with the same token (a retry) takes nothing more, and answers the same way.
+        """
+        ...
+
+
+def charged_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> Charged:
+    """A charge's flat reply (the state after it, per entry) as Decisions and the units owed."""
+    owed = 0
+    for remaining in flat[2::4]:
+        if -remaining > owed:
+            owed = -remaining
+    return decisions_from_flat(hits, flat), owed
+
+
 def new_token() -> str:
     """A unique name for one request's concurrency slots."""
     return secrets.token_hex(8)
@@ -158,6 +196,13 @@ def check_hits(hits: Sequence[Hit]) -> None:
                     f"{policy!r} appears twice for one key in a single hit (or with another policy of the same state)."
                 )
             seen.add(state)
+
+
+def check_charges(hits: Sequence[Hit]) -> None:
+    """check_hits() for a charge, whose cost may also be below 0: a refund (of an estimate spent up front)."""
+    check_hits(
+        [(identity, policy, -cost if cost.__class__ is int and cost < 0 else cost) for identity, policy, cost in hits]
+    )
 
 
 def decisions_from_flat(hits: Sequence[Hit], flat: Sequence[int]) -> list[Decision]:

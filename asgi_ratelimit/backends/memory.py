@@ -18,10 +18,11 @@ import time
 from bisect import bisect_right, insort
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
-from .._keys import digest, slots_key, state_key
+from .._keys import digest, ledger_key, slots_key, state_key
 from ..errors import ConfigurationError
 from ..policies import (
     FIXED_WINDOW,
@@ -33,7 +34,16 @@ from ..policies import (
     Decision,
     Policy,
 )
-from .base import Claim, Hit, check_hits, decision_from_reply, slot_decision
+from .base import (
+    Charged,
+    Claim,
+    Hit,
+    charged_from_flat,
+    check_charges,
+    check_hits,
+    decision_from_reply,
+    slot_decision,
+)
 
 __all__ = ["MemoryBackend"]
 
@@ -167,6 +177,61 @@ class MemoryBackend:
         return [decision_from_reply(policy, *reply) for (_, policy, _), reply in zip(hits, replies, strict=True)] + [
             slot_decision(limit, *reply) for (_, limit), reply in zip(claims, slot_replies, strict=True)
         ]
+
+    async def check(self, hits: Sequence[Hit]) -> list[Decision]:
+        """Decide ``hits`` without taking anything (hit.lua's "check" mode)."""
+        return self.check_now(hits)
+
+    def check_now(self, hits: Sequence[Hit]) -> list[Decision]:
+        """The synchronous core of check."""
+        now = self._clock()
+        check_hits(hits)
+        return [
+            decision_from_reply(
+                policy, *_ALGORITHMS[policy.code](self, self._key(identity, policy), now, cost, policy, False)
+            )
+            for identity, policy, cost in hits
+        ]
+
+    async def charge(self, hits: Sequence[Hit], token: str, remember_us: int) -> Charged:
+        """Take every hit's cost, even into debt, once per ``token`` (hit.lua's "charge" mode)."""
+        return self.charge_now(hits, token, remember_us)
+
+    def charge_now(self, hits: Sequence[Hit], token: str, remember_us: int) -> Charged:
+        """The synchronous core of charge: the ledger of the first identity remembers the token, as on Redis.
+
+        An empty token is remembered nowhere (hit.lua does the same): the middleware's charges here are
+        made once, at once, and never retried.
+        """
+        now = self._clock()
+        check_charges(hits)
+        if not hits:
+            return [], 0
+        fresh = True
+        ledger_name = ""
+        ledger: _Ledger | None = None
+        if token:
+            ledger_name = ledger_key(self.prefix, digest(hits[0][0]))
+            ledger = self._get(ledger_name, now)
+            if ledger is None:
+                ledger = _Ledger({}, [])
+            else:
+                ledger.forget(now)
+            fresh = token not in ledger.ends
+        flat: list[int] = []
+        for identity, policy, cost in hits:
+            key = self._key(identity, policy)
+            decide = _ALGORITHMS[policy.code]
+            if fresh:
+                decide(self, key, now, cost, policy, True, True)
+            flat += decide(self, key, now, 1, policy, False)
+        if fresh and ledger is not None:
+            ledger.add(token, now + remember_us)
+            entry = self._store.get(ledger_name)
+            kept_us = entry[0] - now if entry is not None and entry[0] - now > remember_us else remember_us
+            # Level 0: forgetting a ledger changes no answer unless a charge is sent again.
+            self._set(ledger_name, ledger, now, kept_us, 0)
+        return charged_from_flat(hits, flat)
 
     async def release(self, claims: Sequence[Claim], token: str) -> None:
         """Give back the slots named ``token``.
@@ -351,7 +416,7 @@ class MemoryBackend:
 
     # -- the algorithms, mirroring hit.lua ---------------------------------------------
 
-    def _token_bucket(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
+    def _token_bucket(self, key: str, now: int, cost: int, policy: Policy, commit: bool, force: bool = False) -> Reply:
         rate = float(policy.numbers[0])
         capacity = policy.numbers[1]
         full = capacity * SCALE
@@ -365,18 +430,22 @@ class MemoryBackend:
         remaining = tokens // SCALE
         # Waits are counted from the stored stamp, as the refill is, so that they are exact.
         reset = stamp + _refill_time(full - stored, rate) - now if tokens < full else 0
-        if need > full:
+        if need > full and not force:
             return 0, -1, remaining, reset
-        if tokens < need:
+        if tokens < need and not force:
             return 0, stamp + _refill_time(need - stored, rate) - now, remaining, reset
         if not commit:
             return 1, 0, remaining, reset
         left = tokens - need
+        if left > full:
+            left = full  # a refund fills the bucket no further than full, as hit.lua
         reset_after = _refill_time(full - left, rate)
         self._set(key, (left, now), now, reset_after, capacity - left // SCALE)
         return 1, 0, left // SCALE, reset_after
 
-    def _sliding_window(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
+    def _sliding_window(
+        self, key: str, now: int, cost: int, policy: Policy, commit: bool, force: bool = False
+    ) -> Reply:
         limit, window = policy.numbers
         scores: list[int] | None = self._get(key, now)
         live_from = 0
@@ -388,9 +457,13 @@ class MemoryBackend:
         if scores and count > 0:
             newest_ends = scores[-1] + window - now
             reset = newest_ends if newest_ends > 0 else 0
+        if force and cost > limit:
+            cost = limit  # as hit.lua: `limit` units at `now` refuse the key until they expire, as more would
+        elif force and cost < 0:
+            cost = 0  # a refund: the log keeps what was spent, as hit.lua
         if cost > limit:
             return 0, -1, limit - count, reset
-        if count + cost > limit:
+        if count + cost > limit and not force:
             assert scores is not None
             nth = scores[live_from + count + cost - limit - 1]
             return 0, max(1, nth + window - now), limit - count, reset
@@ -413,16 +486,18 @@ class MemoryBackend:
         self._set(key, kept, now, window, count + cost)
         return 1, 0, limit - count - cost, window
 
-    def _gcra(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
+    def _gcra(self, key: str, now: int, cost: int, policy: Policy, commit: bool, force: bool = False) -> Reply:
         interval, burst = policy.numbers
         stored = self._get(key, now)
         tat = stored if stored is not None and stored > now else now
         tolerance = burst * interval
         available = math.floor((tolerance - (tat - now)) / interval)
-        if cost > burst:
+        if cost > burst and not force:
             return 0, -1, available, tat - now
         new_tat = tat + cost * interval
-        if new_tat - now > tolerance:
+        if new_tat < now:
+            new_tat = now  # a refund gives back no more than a full allowance
+        if new_tat - now > tolerance and not force:
             return 0, new_tat - now - tolerance, available, tat - now
         if not commit:
             return 1, 0, available, tat - now
@@ -431,23 +506,26 @@ class MemoryBackend:
         self._set(key, new_tat, now, reset, burst - left)
         return 1, 0, left, reset
 
-    def _fixed_window(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
+    def _fixed_window(self, key: str, now: int, cost: int, policy: Policy, commit: bool, force: bool = False) -> Reply:
         limit, window = policy.numbers
         index = _window_index(now, window)
         state = self._get(key, now)
         count = state[1] if state is not None and state[0] == index else 0
         ends = (index + 1) * window - now
         reset = ends if count > 0 else 0
-        if cost > limit:
+        if cost > limit and not force:
             return 0, -1, limit - count, reset
-        if count + cost > limit:
+        if count + cost > limit and not force:
             return 0, ends, limit - count, reset
         if not commit:
             return 1, 0, limit - count, reset
-        self._set(key, (index, count + cost), now, ends, count + cost)
-        return 1, 0, limit - count - cost, ends
+        after = count + cost if count + cost > 0 else 0  # a refund takes the count down to 0 at most
+        self._set(key, (index, after), now, ends, after)
+        return 1, 0, limit - after, ends
 
-    def _window_counter(self, key: str, now: int, cost: int, policy: Policy, commit: bool) -> Reply:
+    def _window_counter(
+        self, key: str, now: int, cost: int, policy: Policy, commit: bool, force: bool = False
+    ) -> Reply:
         limit, window = policy.numbers
         index = _window_index(now, window)
         elapsed = now - index * window
@@ -463,9 +541,9 @@ class MemoryBackend:
         reset = 2 * window - elapsed if current > 0 else (window - elapsed if previous > 0 else 0)
         remaining = math.floor(limit - weighted - current)
         remaining = remaining if remaining > 0 else 0
-        if cost > limit:
+        if cost > limit and not force:
             return 0, -1, remaining, reset
-        if weighted + current + cost > limit:
+        if weighted + current + cost > limit and not force:
             spare = limit - current - cost
             if spare >= 0:
                 wait = math.ceil(window - float(spare) * float(window) / float(previous) - elapsed)
@@ -476,7 +554,7 @@ class MemoryBackend:
             return 0, max(1, wait), remaining, reset
         if not commit:
             return 1, 0, remaining, reset
-        after = current + cost
+        after = current + cost if current + cost > 0 else 0  # a refund takes the count down to 0 at most
         reset_after = 2 * window - elapsed
         left = math.floor(limit - weighted - after)
         left = left if left > 0 else 0
@@ -502,11 +580,45 @@ class MemoryBackend:
         return 1, 0, limit.limit - in_use - 1
 
 
+@dataclass
+class _Ledger:
+    """The tokens of the charges one identity has taken, with when each is forgotten (hit.lua's sorted set)."""
+
+    ends: dict[str, int]  # token -> forgotten at (us)
+    heap: list[tuple[int, str]]  # (forgotten at, token): the next to forget on top, found without a scan
+
+    def add(self, token: str, ends: int) -> None:
+        self.ends[token] = ends
+        heapq.heappush(self.heap, (ends, token))
+
+    def forget(self, now: int) -> None:
+        """Drop the tokens whose time has come (as ZREMRANGEBYSCORE -inf now)."""
+        heap = self.heap
+        while heap and heap[0][0] <= now:
+            _, token = heapq.heappop(heap)
+            if self.ends.get(token, now + 1) <= now:
+                del self.ends[token]
+
+
 _SLOT_RETRY = 1_000_000  # the most a refused slot tells a client to wait (us), as in hit.lua
 _EVICTION_LOG_INTERVAL = 10.0  # seconds between two log lines about evictions
 
 
-_ALGORITHMS: dict[int, Callable[[MemoryBackend, str, int, int, Policy, bool], Reply]] = {
+class _Algorithm(Protocol):
+    def __call__(
+        self,
+        backend: MemoryBackend,
+        key: str,
+        now: int,
+        cost: int,
+        policy: Policy,
+        commit: bool,
+        force: bool = False,
+        /,
+    ) -> Reply: ...
+
+
+_ALGORITHMS: dict[int, _Algorithm] = {
     TOKEN_BUCKET: MemoryBackend._token_bucket,
     SLIDING_WINDOW: MemoryBackend._sliding_window,
     GCRA_CODE: MemoryBackend._gcra,

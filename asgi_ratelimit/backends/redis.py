@@ -13,11 +13,23 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from .._keys import digest, slots_key, state_key
+from .._keys import digest, ledger_key, slots_key, state_key
 from ..errors import BackendError, ConfigurationError
 from ..policies import Concurrency, Decision, Policy
 from ._coalesce import ScriptCaller
-from .base import Claim, Hit, Outcome, check_hits, decision_from_reply, decisions_from_flat, slot_decision
+from .base import (
+    LEDGER_CODE,
+    Charged,
+    Claim,
+    Hit,
+    Outcome,
+    charged_from_flat,
+    check_charges,
+    check_hits,
+    decision_from_reply,
+    decisions_from_flat,
+    slot_decision,
+)
 from .memory import system_clock_us
 
 __all__ = ["RedisBackend"]
@@ -318,6 +330,68 @@ class RedisBackend:
                 entries, values, values, values, values, strict=True
             )
         ]
+
+    async def check(self, hits: Sequence[Hit]) -> list[Decision]:
+        """Decide ``hits`` without taking anything: one hit.lua call in "check" mode (one per identity on a cluster)."""
+        return decisions_from_flat(hits, await self._in_mode(hits, b"check", "", 0))
+
+    async def charge(self, hits: Sequence[Hit], token: str, remember_us: int) -> Charged:
+        """Take every hit's cost, even into debt, once per ``token``: one hit.lua call in "charge" mode.
+
+        The identity's ledger (of the first hit's identity; of each identity on a cluster) remembers
+        the token for ``remember_us``, so the call sent again after a lost reply takes nothing more.
+        """
+        return charged_from_flat(hits, await self._in_mode(hits, b"charge", token, remember_us))
+
+    async def _in_mode(self, hits: Sequence[Hit], mode: bytes, token: str, remember_us: int) -> list[int]:
+        """The flat reply of hit.lua in ``mode`` for ``hits``, in their order."""
+        if mode == b"charge":
+            check_charges(hits)
+        else:
+            check_hits(hits)
+        if not hits:
+            return []
+        if not self._initialised:
+            await self._ready()
+        if self._in_flight is None:
+            return await self._flat_in_mode(hits, mode, token, remember_us)
+        groups: dict[str, list[int]] = {}
+        for index, (identity, _, _) in enumerate(hits):
+            groups.setdefault(identity, []).append(index)
+        parts = await asyncio.gather(
+            *(self._flat_in_slot([hits[i] for i in indexes], mode, token, remember_us) for indexes in groups.values())
+        )
+        flat = [0] * (4 * len(hits))
+        for indexes, part in zip(groups.values(), parts, strict=True):
+            for place, index in enumerate(indexes):
+                flat[4 * index : 4 * index + 4] = part[4 * place : 4 * place + 4]
+        return flat
+
+    async def _flat_in_slot(self, hits: Sequence[Hit], mode: bytes, token: str, remember_us: int) -> list[int]:
+        assert self._in_flight is not None
+        async with self._in_flight:
+            return await self._flat_in_mode(hits, mode, token, remember_us)
+
+    async def _flat_in_mode(self, hits: Sequence[Hit], mode: bytes, token: str, remember_us: int) -> list[int]:
+        keys: list[bytes | str | int] = []
+        args: list[bytes | str | int] = [b"" if self._clock is None else self._clock()]
+        digests: dict[str, str] = {}
+        for identity, policy, cost in hits:
+            hashed = digests.get(identity)
+            if hashed is None:
+                hashed = digests[identity] = digest(identity)
+            keys.append(state_key(self.prefix, hashed, policy).encode())
+            code, p1, p2 = policy.script_args
+            args += (code, cost, p1, p2)
+        if mode == b"charge":
+            keys.append(ledger_key(self.prefix, digests[hits[0][0]]).encode())
+            args += (LEDGER_CODE, 1, remember_us, 0)
+        args += (token, mode)
+        try:
+            flat: list[int] = await self._call(len(keys), *keys, *args)
+        except (redis_errors.RedisError, redis_errors.RedisClusterException) as exc:
+            raise BackendError(f"Redis failed to {mode.decode()} a hit: {type(exc).__name__}: {exc}") from exc
+        return flat
 
     async def release(self, claims: Sequence[Claim], token: str) -> None:
         """Give back the slots named ``token``; one not taken yet is barred to a late acquire (release.lua)."""

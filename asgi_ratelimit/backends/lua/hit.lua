@@ -14,10 +14,19 @@ ARGV[2..] four values per entry i, starting at ARGV[4*(i-1)+2]:
                    fixed window    p1 = limit, p2 = window (us)
                    window counter  p1 = limit, p2 = window (us)
                    concurrency     p1 = limit (slots), p2 = lease (us); cost is 1
-ARGV[4*#KEYS+2]  the slot token (this request's name for its slots), when an entry is a concurrency slot.
+                   charge ledger   p1 = how long (us) the ledger remembers a charge's token; cost is 1
+ARGV[4*#KEYS+2]  the token: this request's name for its slots (a concurrency entry), or for its charge.
+ARGV[4*#KEYS+3]  the mode: "" (or absent) a hit; "check" decides every entry and writes nothing;
+                 "charge" takes every entry's cost even past its limit (into debt), once per token; a
+                 cost below 0 is a refund, down to a full allowance at most (a sliding log keeps all):
+                 the last KEY is then the identity's charge ledger (code 7), which remembers the token,
+                 so the same charge sent again (a retry after a lost reply) takes nothing more; an
+                 empty token is remembered nowhere (for a charge that is never sent twice).
 Returns   a flat array, four integers per entry:
             allowed (1 or 0: this policy's own verdict), retry_after (us; -1 = never),
-            remaining, reset_after (us); after the hit when every entry allowed, else before it
+            remaining, reset_after (us); after the hit when every entry allowed, else before it.
+            A check answers with the state as it stands; a charge with the state after it, as a
+            check of one unit would see it (remaining below 0 is a debt), one entry per state key.
 
 Every entry is decided first, without writing; the writes run only when all entries allow,
 so a denied hit consumes from none of its policies, and takes no slot; a slot refused takes
@@ -64,7 +73,7 @@ local function refill_time(deficit, rate)
   return elapsed
 end
 
-local function token_bucket(key, now, cost, rate, capacity)
+local function token_bucket(key, now, cost, rate, capacity, force)
   local full = capacity * SCALE
   local state = redis.call('HMGET', key, 't', 'ts')
   local stored = tonumber(state[1])
@@ -84,13 +93,16 @@ local function token_bucket(key, now, cost, rate, capacity)
   if tokens < full then
     reset = stamp + refill_time(full - stored, rate) - now
   end
-  if need > full then
+  if need > full and not force then
     return 0, -1, remaining, reset
   end
-  if tokens < need then
+  if tokens < need and not force then
     return 0, stamp + refill_time(need - stored, rate) - now, remaining, reset
   end
   local left = tokens - need
+  if left > full then
+    left = full  -- a refund (a charge below its estimate) fills the bucket no further than full
+  end
   local reset_after = refill_time(full - left, rate)
   return 1, 0, remaining, reset, math.floor(left / SCALE), reset_after, function()
     redis.call('HSET', key, 't', string.format('%.17g', left), 'ts', string.format('%.17g', now))
@@ -98,7 +110,7 @@ local function token_bucket(key, now, cost, rate, capacity)
   end
 end
 
-local function sliding_window(key, now, cost, limit, window)
+local function sliding_window(key, now, cost, limit, window, force)
   local oldest_live = string.format('(%.17g', now - window)
   local count = redis.call('ZCOUNT', key, oldest_live, '+inf')
   local reset = 0
@@ -106,10 +118,17 @@ local function sliding_window(key, now, cost, limit, window)
     local newest = redis.call('ZREVRANGEBYSCORE', key, '+inf', oldest_live, 'WITHSCORES', 'LIMIT', 0, 1)
     reset = math.max(0, tonumber(newest[2]) + window - now)
   end
+  if force and cost > limit then
+    -- A charge past the limit: `limit` units at `now` already refuse the key until they expire
+    -- together, which more units at the same time would too; the log stays bounded by the limit.
+    cost = limit
+  elseif force and cost < 0 then
+    cost = 0  -- a refund: the log keeps what was spent (which entries to take back is not known)
+  end
   if cost > limit then
     return 0, -1, limit - count, reset
   end
-  if count + cost > limit then
+  if count + cost > limit and not force then
     -- The hit fits once the (count + cost - limit)-th oldest live entry has expired.
     local nth = redis.call('ZRANGEBYSCORE', key, oldest_live, '+inf', 'WITHSCORES', 'LIMIT', count + cost - limit - 1, 1)
     return 0, math.max(1, tonumber(nth[2]) + window - now), limit - count, reset
@@ -135,18 +154,21 @@ local function sliding_window(key, now, cost, limit, window)
   end
 end
 
-local function gcra(key, now, cost, interval, burst)
+local function gcra(key, now, cost, interval, burst, force)
   local tat = tonumber(redis.call('GET', key)) or now
   if tat < now then
     tat = now
   end
   local tolerance = burst * interval
   local available = math.floor((tolerance - (tat - now)) / interval)
-  if cost > burst then
+  if cost > burst and not force then
     return 0, -1, available, tat - now
   end
   local new_tat = tat + cost * interval
-  if new_tat - now > tolerance then
+  if new_tat < now then
+    new_tat = now  -- a refund gives back no more than a full allowance
+  end
+  if new_tat - now > tolerance and not force then
     return 0, new_tat - now - tolerance, available, tat - now
   end
   local reset = new_tat - now
@@ -155,7 +177,7 @@ local function gcra(key, now, cost, interval, burst)
   end
 end
 
-local function fixed_window(key, now, cost, limit, window)
+local function fixed_window(key, now, cost, limit, window, force)
   local index = window_index(now, window)
   local state = redis.call('HMGET', key, 'w', 'c')
   local count = 0
@@ -167,19 +189,19 @@ local function fixed_window(key, now, cost, limit, window)
   if count > 0 then
     reset = ends
   end
-  if cost > limit then
+  if cost > limit and not force then
     return 0, -1, limit - count, reset
   end
-  if count + cost > limit then
+  if count + cost > limit and not force then
     return 0, ends, limit - count, reset
   end
   return 1, 0, limit - count, reset, limit - count - cost, ends, function()
-    redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', count + cost)
+    redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', math.max(0, count + cost))
     redis.call('PEXPIRE', key, ttl_ms(ends))
   end
 end
 
-local function window_counter(key, now, cost, limit, window)
+local function window_counter(key, now, cost, limit, window, force)
   local index = window_index(now, window)
   local elapsed = now - index * window
   local state = redis.call('HMGET', key, 'w', 'c', 'p')
@@ -199,10 +221,10 @@ local function window_counter(key, now, cost, limit, window)
     reset = window - elapsed
   end
   local remaining = math.max(0, math.floor(limit - weighted - current))
-  if cost > limit then
+  if cost > limit and not force then
     return 0, -1, remaining, reset
   end
-  if weighted + current + cost > limit then
+  if weighted + current + cost > limit and not force then
     local spare = limit - current - cost
     local wait
     if spare >= 0 then
@@ -214,7 +236,7 @@ local function window_counter(key, now, cost, limit, window)
     end
     return 0, math.max(1, wait), remaining, reset
   end
-  local after = current + cost
+  local after = math.max(0, current + cost)  -- a refund takes the count down to 0 at most
   local reset_after = 2 * window - elapsed
   return 1, 0, remaining, reset, math.max(0, math.floor(limit - weighted - after)), reset_after, function()
     redis.call('HSET', key, 'w', string.format('%.17g', index), 'c', after, 'p', previous)
@@ -261,6 +283,39 @@ if now == nil then
   now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 end
 
+local MODE = ARGV[4 * #KEYS + 3]
+
+if MODE == 'charge' then
+  local ledger = KEYS[#KEYS]
+  local remember = tonumber(ARGV[4 * #KEYS])
+  redis.call('ZREMRANGEBYSCORE', ledger, '-inf', string.format('%.17g', now))
+  -- A token in the ledger was charged already: this call is a retry, and takes nothing more.
+  -- An empty token is remembered nowhere: its charge is never sent twice.
+  local fresh = TOKEN == '' or not redis.call('ZSCORE', ledger, TOKEN)
+  local results = {}
+  for i = 1, #KEYS - 1 do
+    local base = 4 * (i - 1) + 1
+    local decide = ALGORITHMS[tonumber(ARGV[base + 1])]
+    local p1, p2 = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+    if fresh then
+      local verdict = { decide(KEYS[i], now, tonumber(ARGV[base + 2]), p1, p2, true) }
+      verdict[7]()
+    end
+    -- What the key's next request of one unit would meet.
+    local after = { decide(KEYS[i], now, 1, p1, p2, false) }
+    for k = 1, 4 do
+      results[#results + 1] = after[k]
+    end
+  end
+  if fresh and TOKEN ~= '' then
+    redis.call('ZADD', ledger, string.format('%.17g', now + remember), TOKEN)
+    if redis.call('PTTL', ledger) < ttl_ms(remember) then
+      redis.call('PEXPIRE', ledger, ttl_ms(remember))
+    end
+  end
+  return results
+end
+
 -- Each algorithm returns: allowed, retry_after, remaining and reset_after as they stand before
 -- the hit, and, when it allows, remaining and reset_after once the hit is taken, and the write.
 local decided = {}
@@ -270,8 +325,8 @@ for i = 1, #KEYS do
   local decide = ALGORITHMS[tonumber(ARGV[base + 1])]
   local verdict = { decide(KEYS[i], now, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])) }
   decided[i] = verdict
-  if verdict[1] == 0 then
-    all_allowed = false
+  if verdict[1] == 0 or MODE == 'check' then
+    all_allowed = false  -- a check writes nothing, and reports every policy as it stands
   end
 end
 

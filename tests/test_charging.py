@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from asgi_ratelimit import (
     GCRA,
+    Backend,
     BodyBytes,
     ConfigurationError,
     FromState,
@@ -388,7 +389,7 @@ def test_bad_configuration_names_the_rule_and_the_value() -> None:
         Rule("/x", ["5/minute", Concurrency(2, timeout=60)], counts=lambda status: True)
 
 
-class PlainBackend:
+class PlainBackend(Backend):
     """A Backend that can only hit: no check, no charge."""
 
     async def hit(self, key: str, policies: Any, cost: int = 1) -> list[Any]:

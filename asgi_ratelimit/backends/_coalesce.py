@@ -6,8 +6,8 @@ non-transactional pipeline of EVALSHA.  Each call is still its own atomic script
 so no decision changes; only the number of writes to the socket and of replies to parse does.
 Redis answers a pipeline of 50 scripts several times faster than 50 separate round trips.
 
-A pipeline cannot recover from NOSCRIPT by itself (correctness rule 13): the entries that got
-NOSCRIPT are sent again after the script is loaded.
+A pipeline cannot recover from NOSCRIPT by itself (redis-py's Script reloads a script only for a
+lone call): the entries that got NOSCRIPT are sent again after the script is loaded.
 
 How a call or a pipeline reaches Redis is redis-py's command machinery, or, on one Redis, the
 leaner path of _wire.py.
@@ -66,8 +66,9 @@ class ScriptCaller:
         with a time budget.
 
         The round trip runs in a task of this caller's, never in the caller's own: a caller may
-        stop waiting at its budget, or be cancelled, without cancelling any I/O (correctness rule
-        22).  A call whose future is done (abandoned) before its turn comes is never sent; either
+        stop waiting at its budget, or be cancelled, without cancelling any I/O (cancelling a redis-py
+        call mid-exchange leaves its connection unusable, and waiting for it can take the socket's whole
+        timeout).  A call whose future is done (abandoned) before its turn comes is never sent; either
         way the Call is ended once nothing runs for it any more.
         """
         future = Call()

@@ -43,7 +43,8 @@ HIT_SCRIPT = files(__package__).joinpath("lua/hit.lua").read_text(encoding="utf-
 RELEASE_SCRIPT = files(__package__).joinpath("lua/release.lua").read_text(encoding="utf-8")
 
 # redis-py defaults both socket timeouts to 5 s; a limiter's budget is tens of milliseconds,
-# and a frozen Redis must not hold a connection for seconds (correctness rule 22).
+# and a frozen Redis must not hold a connection for seconds: a cancelled redis-py call can wait out the
+# socket's whole timeout before it lets go.
 DEFAULT_SOCKET_TIMEOUT = 0.5
 
 
@@ -90,7 +91,7 @@ class RedisBackend:
         wire = not self.cluster and hasattr(client, "connection_pool")
         self._call = ScriptCaller(client, HIT_SCRIPT, coalesce=coalesce and not self.cluster, wire=wire)
         self._release = ScriptCaller(client, RELEASE_SCRIPT, coalesce=coalesce and not self.cluster, wire=wire)
-        # Set once the client is initialised and the script loaded (correctness rule 23).
+        # Set once the client is initialised and the script loaded (see _initialise).
         self._initialised = False
         self._initialising: asyncio.Task[None] | None = None
         self._sentinels: list[Any] = []  # clients of the sentinels, when built by from_sentinel
@@ -224,7 +225,7 @@ class RedisBackend:
         """Initialise the client and load the script once, before the first decision.
 
         A fresh RedisCluster hit by many concurrent commands before it has initialised failed
-        intermittently inside redis-py (correctness rule 23): every first hit waits here for one
+        intermittently inside redis-py: every first hit waits here for one
         shared initialisation instead.  It runs as a task of its own, so a request that gives
         up at its budget (the limiter cancels it) does not cut the initialisation short for the
         requests behind it; if it fails, the next hit starts another.

@@ -32,17 +32,17 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._charge_retries import PendingCharge, PendingCharges, retrieve
+from ._headers import rate_limit_headers
 from .backends.base import Charged, ChargingBackend, Claim, Hit, new_token
 from .backends.memory import MemoryBackend
 from .charging import BodyBytes, ChargeSource, FromState, ResponseHeader
 from .errors import BackendError, ConfigurationError
-from .headers import rate_limit_headers
 from .policies import MICROS, Decision
 
 if TYPE_CHECKING:
     from starlette.requests import HTTPConnection
 
-    from .limiter import Span
+    from ._limiter import Span
     from .middleware import RateLimitMiddleware, _Guard
     from .rules import CompiledLimits, Rule
 
@@ -164,7 +164,7 @@ class ChargeMetrics:
         )
 
 
-# Built once per registry, as metrics.py does: a second middleware on one registry shares them.
+# Built once per registry, as _metrics.py does: a second middleware on one registry shares them.
 _METRICS: weakref.WeakKeyDictionary[CollectorRegistry, ChargeMetrics] = weakref.WeakKeyDictionary()
 
 

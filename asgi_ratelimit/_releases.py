@@ -19,8 +19,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+from ._metrics import ReleaseResult
 from .backends.base import Backend, Claim
-from .metrics import ReleaseResult
 
 __all__ = ["PendingReleases"]
 

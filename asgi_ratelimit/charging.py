@@ -12,7 +12,7 @@ import re
 
 from .errors import ConfigurationError
 
-__all__ = ["BodyBytes", "ChargeSource", "FromState", "ResponseHeader"]
+__all__ = ["BodyBytes", "FromState", "ResponseHeader"]
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an HTTP field name (RFC 9110 token)
 

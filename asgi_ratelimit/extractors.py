@@ -25,7 +25,7 @@ from starlette.types import Scope
 
 from .errors import ConfigurationError
 
-__all__ = ["UNKNOWN_CLIENT", "ClientIP", "FirstOf", "Header", "JWTClaim", "KeyExtractor", "scope_reader"]
+__all__ = ["ClientIP", "FirstOf", "Header", "JWTClaim", "KeyExtractor"]
 
 #: The key of a request that has no socket peer at all (``scope["client"] is None``).  It is shared by all
 #: such requests, so they are limited together rather than escaping the limit.

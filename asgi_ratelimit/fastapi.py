@@ -26,10 +26,10 @@ from starlette.requests import HTTPConnection
 from starlette.types import Scope
 
 from ._context import current_guard
+from ._headers import QUOTA_EXCEEDED, retry_after_seconds
 from ._startup import _may_meet
 from .errors import ConfigurationError
 from .extractors import ClientIP, FirstOf, Header, JWTClaim
-from .headers import QUOTA_EXCEEDED, retry_after_seconds
 from .middleware import RateLimitMiddleware
 from .policies import DEFAULT_ALGORITHM, Concurrency, Decision, Policy
 from .rules import ENDPOINT_RULES, CompiledLimits, CostFunc, Limits, Rule, guard_requests

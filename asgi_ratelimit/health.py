@@ -20,11 +20,11 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from starlette.types import Receive, Scope, Send
 
+from ._limiter import Limiter
 from ._scope import route_path
 from .errors import BackendError, ConfigurationError
-from .limiter import Limiter
 
-__all__ = ["OperationsApp", "operations_app"]
+__all__ = ["operations_app"]
 
 
 class _HasLimiter(Protocol):

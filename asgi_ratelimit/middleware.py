@@ -22,11 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._charging import Settler, settling
 from ._context import Refusal, current_guard
-from ._scope import route_path
-from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
-from .backends.base import Backend, Claim, Hit, new_token
-from .errors import BackendError, ConfigurationError
-from .headers import (
+from ._headers import (
     HEADER_NAMES,
     QUOTA_EXCEEDED,
     HeaderMode,
@@ -36,8 +32,12 @@ from .headers import (
     rate_limit_headers,
     retry_after_seconds,
 )
+from ._limiter import Limiter, Span
+from ._scope import route_path
+from ._startup import backend_from, check_rules_reach_routes, ping_at_startup
+from .backends.base import Backend, Claim, Hit, new_token
+from .errors import BackendError, ConfigurationError
 from .health import OperationsApp
-from .limiter import Limiter, Span
 from .policies import Decision
 from .rules import CompiledLimits, PathPattern, Rule, bypassed_endpoint, endpoints_marked
 
@@ -206,18 +206,8 @@ class RateLimitMiddleware:
         # extractors read the scope, and building a Request is a noticeable part of what the middleware adds.
         request: HTTPConnection | None = None
         if self._exempt_predicate is not None:
-            exempted: bool | Awaitable[bool]
-            if guard is not None and guard.exempt is not None:
-                exempted = guard.exempt  # already asked for this request
-            else:
-                request = _connection(scope, receive)
-                exempted = self._exempt_predicate(request)
-                # An async predicate returns a coroutine, which is truthy: await it, or everything is exempt.
-                if inspect.isawaitable(exempted):
-                    exempted = await exempted
-                if guard is not None:
-                    guard.exempt = bool(exempted)
-            if exempted:
+            request = _connection(scope, receive)
+            if await self._exempted(request, guard):
                 await app(scope, receive, send)
                 return
 
@@ -266,6 +256,39 @@ class RateLimitMiddleware:
             )
             return
 
+        await self._decide(
+            app, scope, receive, send, request, hits, spans, policy_items, item_names, only, fail_open, guard
+        )
+
+    async def _exempted(self, request: HTTPConnection, guard: _Guard | None) -> bool:
+        """Whether the ``exempt`` predicate exempts the request (asked once per request, the guard remembers)."""
+        if guard is not None and guard.exempt is not None:
+            return guard.exempt
+        assert self._exempt_predicate is not None
+        exempted = self._exempt_predicate(request)
+        # An async predicate returns a coroutine, which is truthy: await it, or everything is exempt.
+        if inspect.isawaitable(exempted):
+            exempted = await exempted
+        if guard is not None:
+            guard.exempt = bool(exempted)
+        return bool(exempted)
+
+    async def _decide(
+        self,
+        app: ASGIApp,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        request: HTTPConnection | None,
+        hits: list[Hit],
+        spans: list[Span],
+        policy_items: tuple[str, ...],
+        item_names: tuple[str, ...],
+        only: CompiledLimits | None,
+        fail_open: bool,
+        guard: _Guard | None,
+    ) -> None:
+        """Decide the hits in one backend call, count the result, then run ``app`` with the headers or refuse."""
         try:
             decisions = await self.limiter.decide(hits)
         except BackendError:
@@ -342,18 +365,7 @@ class RateLimitMiddleware:
                 slot_of[name] = decisions[len(hits) + index]
                 policy_items += (limits.concurrency_item,)
                 item_names += (limits.concurrency_name,)
-        # Each rule counted once, its slot with its rate limits: a span's decisions, then its slot's.
-        counted: list[Decision] = []
-        counted_spans: list[Span] = []
-        start = 0
-        for name, identity, size in spans:
-            counted += decisions[start : start + size]
-            start += size
-            slot = slot_of.get(name)
-            if slot is not None:
-                counted.append(slot)
-            counted_spans.append((name, identity, size + (slot is not None)))
-        self.limiter.count_decisions(counted_spans, counted, self.dry_run)
+        self._count_with_slots(spans, decisions, slot_of)
         taken = all(decision.allowed for decision in decisions)  # else nothing was taken, slots included
         if not taken and not self.dry_run:
             headers = rate_limit_headers(decisions, policy_items, item_names, self.header_mode, denied=True)
@@ -387,6 +399,20 @@ class RateLimitMiddleware:
             # away, a websocket closing): released before this call returns, even when cancelled.
             if not released:
                 await self.limiter.release(claims, token)
+
+    def _count_with_slots(self, spans: list[Span], decisions: list[Decision], slot_of: dict[str, Decision]) -> None:
+        """Count each rule once, its slot with its rate limits: a span's decisions, then its slot's."""
+        counted: list[Decision] = []
+        counted_spans: list[Span] = []
+        start = 0
+        for name, identity, size in spans:
+            counted += decisions[start : start + size]
+            start += size
+            slot = slot_of.get(name)
+            if slot is not None:
+                counted.append(slot)
+            counted_spans.append((name, identity, size + (slot is not None)))
+        self.limiter.count_decisions(counted_spans, counted, self.dry_run)
 
     # -- responses ---------------------------------------------------------------------
 

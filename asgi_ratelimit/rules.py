@@ -25,24 +25,14 @@ from starlette.types import Scope
 
 from ._charging import settlement_for
 from ._context import current_guard
+from ._headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
 from ._partition import partition_key, partition_secret
 from .charging import ChargeSource
 from .errors import ConfigurationError
 from .extractors import ClientIP, scope_reader
-from .headers import QUOTA_UNITS, concurrency_item, policy_item, sf_string, state_format_of
 from .policies import ALGORITHMS, DEFAULT_ALGORITHM, Concurrency, Policy, parse_limits
 
-__all__ = [
-    "ENDPOINT_RULES",
-    "CompiledLimits",
-    "PathPattern",
-    "Resolved",
-    "Rule",
-    "bypassed_endpoint",
-    "endpoints_marked",
-    "guard_requests",
-    "rate_limit",
-]
+__all__ = ["Rule", "rate_limit"]
 
 LimitSpec = Union[str, Policy]  # noqa: UP007 - a runtime alias, and Python 3.10 is supported
 Limits = Union[LimitSpec, Sequence[LimitSpec]]  # noqa: UP007

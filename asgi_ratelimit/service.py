@@ -30,14 +30,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ._headers import policy_item, rate_limit_headers, sf_string
 from ._keys import digest
+from ._limiter import Limiter, Span
 from .backends.base import Backend, Hit
 from .backends.memory import MemoryBackend
 from .backends.redis import RedisBackend
 from .errors import BackendError, ConfigurationError
-from .headers import policy_item, rate_limit_headers, sf_string
 from .health import OperationsApp
-from .limiter import Limiter, Span
 from .policies import (
     _MAX_COUNT,
     _MAX_WINDOW_US,
@@ -55,23 +55,7 @@ from .rules import IDENTITY_SEPARATOR
 
 logger = logging.getLogger("asgi_ratelimit")
 
-__all__ = [
-    "ENV_PREFIX",
-    "MAX_BATCH",
-    "MAX_BODY_BYTES",
-    "MAX_COST",
-    "MAX_KEY_BYTES",
-    "MAX_SLIDING_WINDOW_LIMIT",
-    "MIN_TOKEN_LENGTH",
-    "BadRequest",
-    "ServiceSettings",
-    "check_token",
-    "create_app",
-    "from_environment",
-    "parse_check",
-    "parse_checks",
-    "parse_reset",
-]
+__all__ = ["create_app", "from_environment"]
 
 MAX_BODY_BYTES: Final = 64 * 1024
 #: The most checks one batch may hold.
@@ -387,7 +371,7 @@ async def _read_json(request: Request) -> object:
 
 @dataclass(frozen=True)
 class _HeaderParts:
-    """A policy's RateLimit header parts, formatted once (headers.py formats the state per decision)."""
+    """A policy's RateLimit header parts, formatted once (_headers.py formats the state per decision)."""
 
     items: list[str]  # its RateLimit-Policy item
     names: list[str]  # its name as an RFC 9651 String

@@ -19,10 +19,10 @@ from redis.asyncio import Redis
 
 from asgi_ratelimit import GCRA, BackendError, RedisBackend, SlidingWindow, TokenBucket
 from asgi_ratelimit._keys import digest, state_key
+from asgi_ratelimit._limiter import Limiter, error_kind
 from asgi_ratelimit.backends._coalesce import ScriptCaller
 from asgi_ratelimit.backends._wire import WireCalls
 from asgi_ratelimit.backends.redis import HIT_SCRIPT
-from asgi_ratelimit.limiter import Limiter, error_kind
 
 pytestmark = pytest.mark.redis
 

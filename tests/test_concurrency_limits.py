@@ -32,7 +32,7 @@ from asgi_ratelimit import (
     TokenBucket,
 )
 from asgi_ratelimit._keys import digest, slots_key
-from asgi_ratelimit.limiter import Limiter
+from asgi_ratelimit._limiter import Limiter
 
 SEPARATOR = "\x1f"  # between the rule's name and the key in the identity the backend hashes
 

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from asgi_ratelimit import GCRA, Decision, FixedWindow, RedisBackend, SlidingWindow, SlidingWindowCounter, TokenBucket
 from asgi_ratelimit._deny_cache import DenyCache
-from asgi_ratelimit.limiter import Limiter
+from asgi_ratelimit._limiter import Limiter
 from asgi_ratelimit.policies import Policy
 
 

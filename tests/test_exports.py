@@ -86,3 +86,29 @@ def test_the_fastapi_module_lists_its_names() -> None:
     for name in module.__all__:
         doc = getattr(module, name).__doc__
         assert isinstance(doc, str) and inspect.cleandoc(doc).splitlines()[0].endswith("."), name
+
+
+def _modules() -> list[str]:
+    import pkgutil
+
+    return [module.name for module in pkgutil.walk_packages(asgi_ratelimit.__path__, "asgi_ratelimit.")]
+
+
+@pytest.mark.parametrize("module_name", [name for name in _modules() if "._" not in name])
+def test_a_public_module_lists_only_public_or_documented_names(module_name: str) -> None:
+    """Internals live in _-prefixed modules; a module without the prefix lists in __all__ only names that are
+    the package's own public names or that the docs describe (a backend's protocol types, the FastAPI and
+    service faces)."""
+    import importlib
+    from pathlib import Path
+
+    docs = "\n".join(page.read_text() for page in Path(__file__).parent.parent.joinpath("docs").glob("*.md"))
+    module = importlib.import_module(module_name)
+    for name in getattr(module, "__all__", ()):
+        assert name in PUBLIC or name in docs, f"{module_name}.{name} is listed as public but documented nowhere"
+
+
+def test_internal_modules_are_marked() -> None:
+    internal = {"asgi_ratelimit._limiter", "asgi_ratelimit._headers", "asgi_ratelimit._metrics"}
+    assert internal <= set(_modules())
+    assert not {"asgi_ratelimit.limiter", "asgi_ratelimit.headers", "asgi_ratelimit.metrics"} & set(_modules())

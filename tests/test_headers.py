@@ -42,7 +42,7 @@ from asgi_ratelimit import (
     SlidingWindowCounter,
     TokenBucket,
 )
-from asgi_ratelimit.headers import (
+from asgi_ratelimit._headers import (
     HEADER_MODES,
     NEVER_SECONDS,
     QUOTA_EXCEEDED,

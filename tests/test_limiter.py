@@ -13,8 +13,8 @@ from redis import exceptions as redis_errors
 
 from asgi_ratelimit import BackendError, ConfigurationError, MemoryBackend
 from asgi_ratelimit._keys import digest
+from asgi_ratelimit._limiter import Limiter, error_kind
 from asgi_ratelimit.backends.base import Backend, Hit
-from asgi_ratelimit.limiter import Limiter, error_kind
 from asgi_ratelimit.policies import Decision, FixedWindow
 
 POLICY = FixedWindow(10, 60)

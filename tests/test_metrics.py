@@ -17,7 +17,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from asgi_ratelimit import Backend, BackendError, MemoryBackend, RateLimitMiddleware, Rule
-from asgi_ratelimit.metrics import ERROR_KINDS, LATENCY_BUCKETS, LatencyHistogram
+from asgi_ratelimit._metrics import ERROR_KINDS, LATENCY_BUCKETS, LatencyHistogram
 
 
 async def ok(request: Request) -> PlainTextResponse:

@@ -11,23 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import ConfigurationError
 from ..policies import MICROS, Concurrency, Decision, Policy, new_decision
 
-__all__ = [
-    "LEDGER_CODE",
-    "Backend",
-    "Call",
-    "Charged",
-    "ChargingBackend",
-    "Claim",
-    "Hit",
-    "Outcome",
-    "charged_from_flat",
-    "check_charges",
-    "check_hits",
-    "decision_from_reply",
-    "decisions_from_flat",
-    "new_token",
-    "slot_decision",
-]
+__all__ = ["Backend", "Claim", "Hit"]
 
 #: One entry of a combined call: (identity, policy, cost).
 Hit = tuple[str, Policy, int]

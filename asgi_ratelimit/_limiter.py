@@ -26,10 +26,10 @@ from redis import exceptions as redis_errors
 
 from ._deny_cache import DenyCache
 from ._keys import digest
+from ._metrics import ErrorKind, LimiterMetrics, ReleaseResult, Result, metrics_for
 from ._releases import PendingReleases
 from .backends.base import Backend, Call, Claim, Hit
 from .errors import BackendError, ConfigurationError
-from .metrics import ErrorKind, LimiterMetrics, ReleaseResult, Result, metrics_for
 from .policies import Decision, Policy
 
 __all__ = ["BUG_KINDS", "Limiter", "error_kind"]

@@ -20,7 +20,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._charging import Settler, settling
+from ._charging import Settler
 from ._context import Refusal, current_guard
 from ._headers import (
     HEADER_NAMES,
@@ -142,6 +142,7 @@ class RateLimitMiddleware:
             self._exempt_paths = [PathPattern(path, "exempt path") for path in exempt]
         self._settler = Settler(self)  # for rules with counts= or charge=
         self._settler.prepare(self.rules)
+        self._settles = any(rule.settlement for rule in self.rules)  # read per request: no call while none does
 
     def _add_rule(self, rule: Rule) -> None:
         if any(existing.name == rule.name for existing in self.rules):
@@ -243,7 +244,7 @@ class RateLimitMiddleware:
         if not hits and not slots:
             await app(scope, receive, send)
             return
-        if settling() and scope["type"] == "http" and any(rule.settlement for rule in matched):
+        if self._settles and scope["type"] == "http" and any(rule.settlement for rule in matched):
             # A rule counts by outcome or charges what the response cost: checked now, charged after.
             await self._settler.run(
                 app, scope, receive, send, request, hits, spans, policy_items, item_names, fail_open, guard, slots

@@ -244,3 +244,19 @@ def make_backend(request: pytest.FixtureRequest, key_prefix: str) -> Callable[[]
         return lambda: MemoryBackend(prefix=key_prefix)
     url = request.getfixturevalue("redis_url")
     return lambda: RedisBackend(Redis.from_url(url), prefix=key_prefix)
+
+
+@pytest.fixture
+def forget_prefixed_keys(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[None]:
+    """After a test marked ``redis``, delete every key under its prefix from the machine's Redis."""
+    url = request.getfixturevalue("redis_url") if request.node.get_closest_marker("redis") else None
+    yield
+    if url is None:
+        return
+    client = sync_redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{key_prefix}*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

@@ -7,12 +7,11 @@ by hand where a wait is the point (Redis then in client-clock mode).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from conftest import ManualClock, parse_sf_list
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -37,20 +36,8 @@ from asgi_ratelimit import (
 PASSWORD = "right horse battery staple"
 
 
-@pytest.fixture(autouse=True)
-def forget_keys(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[None]:
-    """Delete what a test wrote to the machine's Redis: charges in debt keep their keys for hours."""
-    url = request.getfixturevalue("redis_url") if request.node.get_closest_marker("redis") else None
-    yield
-    if url is None:
-        return
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{key_prefix}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+# Charges in debt keep their keys for hours: every test deletes what it wrote to the machine's Redis.
+pytestmark = pytest.mark.usefixtures("forget_prefixed_keys")
 
 
 def login_rule(**extra: Any) -> Rule:

@@ -9,12 +9,10 @@ test_properties.py holds them equal on hits.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import fakeredis
 import pytest
-import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -34,20 +32,8 @@ T0 = 1_699_999_200_000_000
 US = 1_000_000
 
 
-@pytest.fixture(autouse=True)
-def forget_keys(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[None]:
-    """Delete what a test wrote to the machine's Redis: charges in debt keep their keys for hours."""
-    url = request.getfixturevalue("redis_url") if request.node.get_closest_marker("redis") else None
-    yield
-    if url is None:
-        return
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{key_prefix}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+# Charges in debt keep their keys for hours: every test deletes what it wrote to the machine's Redis.
+pytestmark = pytest.mark.usefixtures("forget_prefixed_keys")
 
 
 async def test_check_spends_nothing_and_refuses_only_an_exhausted_key(backend: Any, clock: Any) -> None:

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 import httpx
 import pytest
-import redis
 from conftest import RedisProcess, parse_sf_list
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -40,20 +39,8 @@ from asgi_ratelimit import (
 PASSWORD = "right horse battery staple"
 
 
-@pytest.fixture(autouse=True)
-def forget_keys(request: pytest.FixtureRequest, key_prefix: str) -> Iterator[None]:
-    """Delete what a test wrote to the machine's Redis: charges in debt keep their keys for hours."""
-    url = request.getfixturevalue("redis_url") if request.node.get_closest_marker("redis") else None
-    yield
-    if url is None:
-        return
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{key_prefix}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+# Charges in debt keep their keys for hours: every test deletes what it wrote to the machine's Redis.
+pytestmark = pytest.mark.usefixtures("forget_prefixed_keys")
 
 
 def test_failed_logins_over_real_http(make_backend: Callable[[], Backend]) -> None:

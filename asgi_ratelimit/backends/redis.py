@@ -257,6 +257,14 @@ class RedisBackend:
 
         Arguments go out as bytes where they can: redis-py then sends them without encoding each.
         """
+        keys, args, _ = self._keys_and_args(hits)
+        keys += args
+        return keys
+
+    def _keys_and_args(
+        self, hits: Sequence[Hit]
+    ) -> tuple[list[bytes | str | int], list[bytes | str | int], dict[str, str]]:
+        """hit.lua's KEYS and ARGV for ``hits`` (the clock, then four values per hit), and each identity's digest."""
         keys: list[bytes | str | int] = []
         args: list[bytes | str | int] = [b"" if self._clock is None else self._clock()]
         digests: dict[str, str] = {}
@@ -266,9 +274,8 @@ class RedisBackend:
                 hashed = digests[identity] = digest(identity)
             keys.append(state_key(self.prefix, hashed, policy).encode())
             code, p1, p2 = policy.script_args
-            args += (code, _COSTS[cost] if cost < len(_COSTS) else cost, p1, p2)
-        keys += args
-        return keys
+            args += (code, _COSTS[cost] if 0 <= cost < len(_COSTS) else cost, p1, p2)
+        return keys, args, digests
 
     async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
         """Decide ``hits`` and take a slot named ``token`` of every claim in one script call, or nothing at all.
@@ -374,16 +381,7 @@ class RedisBackend:
             return await self._flat_in_mode(hits, mode, token, remember_us)
 
     async def _flat_in_mode(self, hits: Sequence[Hit], mode: bytes, token: str, remember_us: int) -> list[int]:
-        keys: list[bytes | str | int] = []
-        args: list[bytes | str | int] = [b"" if self._clock is None else self._clock()]
-        digests: dict[str, str] = {}
-        for identity, policy, cost in hits:
-            hashed = digests.get(identity)
-            if hashed is None:
-                hashed = digests[identity] = digest(identity)
-            keys.append(state_key(self.prefix, hashed, policy).encode())
-            code, p1, p2 = policy.script_args
-            args += (code, cost, p1, p2)
+        keys, args, digests = self._keys_and_args(hits)
         if mode == b"charge":
             keys.append(ledger_key(self.prefix, digests[hits[0][0]]).encode())
             args += (LEDGER_CODE, 1, remember_us, 0)

@@ -251,11 +251,15 @@ def forget_prefixed_keys(request: pytest.FixtureRequest, key_prefix: str) -> Ite
     """After a test marked ``redis``, delete every key under its prefix from the machine's Redis."""
     url = request.getfixturevalue("redis_url") if request.node.get_closest_marker("redis") else None
     yield
-    if url is None:
-        return
+    if url is not None:
+        delete_prefixed(url, key_prefix)
+
+
+def delete_prefixed(url: str, prefix: str) -> None:
+    """Delete every key under ``prefix`` from the Redis at ``url``."""
     client = sync_redis.Redis.from_url(url)
     try:
-        keys = list(client.scan_iter(match=f"{key_prefix}*"))
+        keys = list(client.scan_iter(match=f"{prefix}*"))
         if keys:
             client.delete(*keys)
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis as sync_redis
-from conftest import free_port
+from conftest import delete_prefixed, free_port
 
 from asgi_ratelimit.__main__ import build_parser, main
 from asgi_ratelimit.service import ServiceSettings
@@ -219,13 +219,7 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 @pytest.fixture
 def redis_cleanup(redis_url: str, key_prefix: str) -> Iterator[None]:
     yield
-    client = sync_redis.Redis.from_url(redis_url)
-    try:
-        keys = list(client.scan_iter(match=f"{key_prefix}*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_prefixed(redis_url, key_prefix)
 
 
 async def concurrent_checks(base: str, body: dict[str, object], count: int) -> list[bool]:

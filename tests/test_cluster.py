@@ -3,7 +3,7 @@
 The engine's conformance suite runs here unchanged: its tests are imported below and collected a
 second time, and this module's ``backend`` fixture gives them the cluster backend.  Around them:
 no over-admission from several processes, keys spread evenly over the primaries, 500 concurrent
-first hits on a fresh client, NOSCRIPT on every primary, two rules of one request decided at once,
+first hits on a fresh client, NOSCRIPT on every primary, a stalled primary, two rules of one request decided at once,
 the middleware over ASGITransport and a real uvicorn, and a primary killed under load (on a cluster
 of its own, as it changes the topology).
 """
@@ -11,6 +11,7 @@ of its own, as it changes the topology).
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -40,6 +41,7 @@ from test_uvicorn import closing, serve
 
 from asgi_ratelimit import (
     GCRA,
+    BackendError,
     ClientIP,
     Concurrency,
     FixedWindow,
@@ -50,6 +52,7 @@ from asgi_ratelimit import (
     SlidingWindow,
 )
 from asgi_ratelimit._keys import digest, state_key
+from asgi_ratelimit.backends.redis import _closes_all_on_timeout
 from asgi_ratelimit.rules import IDENTITY_SEPARATOR
 
 pytestmark = [
@@ -145,7 +148,11 @@ async def test_500_concurrent_first_hits_on_a_fresh_client(cluster: RedisCluster
     """Correctness rule 23: one initialisation and one SCRIPT LOAD, whatever the crowd at the door."""
     policy = GCRA(10, 60)
     for attempt in range(3):
-        backend = RedisBackend.from_url(cluster.url, cluster=True, prefix=f"{key_prefix}{attempt}:")
+        # This test counts initialisations.  On a loaded machine 500 fresh connections can take longer than the
+        # 0.5 s default timeouts, and a timeout on a cluster is another test's subject (a stalled primary, below).
+        backend = RedisBackend.from_url(
+            cluster.url, cluster=True, prefix=f"{key_prefix}{attempt}:", socket_timeout=5, socket_connect_timeout=5
+        )
         loads = 0
 
         async def counting_load(source: str, script_load: Any = backend.client.script_load) -> Any:
@@ -181,6 +188,84 @@ async def test_noscript_on_every_primary_is_recovered(cluster: RedisCluster, key
         await backend.aclose()
     assert [d[0].remaining for d in again] == [0] * len(identities)
     assert len({port for port, keys in cluster.keys_by_primary(f"{key_prefix}*").items() if keys}) == 3
+
+
+# -- a slow node ------------------------------------------------------------------------------------
+
+
+async def test_a_stalled_primary_fails_only_its_own_decisions(cluster: RedisCluster, key_prefix: str) -> None:
+    """One primary paused past the socket timeout: its hit fails, the decisions in flight on the others do not."""
+    backend = RedisBackend.from_url(cluster.url, cluster=True, prefix=key_prefix)
+    policy = FixedWindow(1000, 60)
+
+    def primary_of(identity: str) -> int:
+        return cluster.primary_for_slot(key_slot(state_key(key_prefix, digest(identity), policy).encode()))
+
+    identities = [f"user-{i}" for i in range(60)]
+    victim = primary_of(identities[0])
+    healthy = [identity for identity in identities if primary_of(identity) != victim]
+    failures: list[BaseException] = []
+    decided = 0
+
+    async def on_healthy_primaries(number: int) -> None:
+        nonlocal decided
+        deadline = time.monotonic() + 1.2
+        turn = number
+        while time.monotonic() < deadline:
+            try:
+                await backend.hit(healthy[turn % len(healthy)], [policy])
+                decided += 1
+            except Exception as exc:
+                failures.append(exc)
+            turn += 10
+
+    try:
+        await asyncio.gather(*(backend.hit(identity, [policy]) for identity in identities))  # initialised, warm
+        with sync_redis.Redis(port=victim) as admin:
+            admin.client_pause(3000, all=True)  # longer than the stalled hit's attempts
+            try:
+                stalled, *_ = await asyncio.gather(
+                    backend.hit(identities[0], [policy]),
+                    *(on_healthy_primaries(number) for number in range(10)),
+                    return_exceptions=True,
+                )
+            finally:
+                admin.client_unpause()
+    finally:
+        await backend.aclose()
+        for port, keys in cluster.keys_by_primary(f"{key_prefix}*").items():
+            with sync_redis.Redis(port=port) as owner:
+                for key in keys:  # one slot per identity: one DEL each
+                    owner.delete(key)
+    assert isinstance(stalled, BackendError), repr(stalled)
+    assert failures == [], f"{len(failures)} decisions failed on healthy primaries, first: {failures[0]!r}"
+    assert decided > 100
+
+
+def test_a_cluster_client_warns_of_a_redis_py_that_closes_all_on_timeout(
+    cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="asgi_ratelimit"):
+        RedisBackend.from_url(cluster.url, cluster=True)
+        RedisBackend.from_url("redis://127.0.0.1:6379/0")  # one Redis: nothing to warn of
+    warned = [record.getMessage() for record in caplog.records if "closes all the connections" in record.getMessage()]
+    if _closes_all_on_timeout(sync_redis.__version__):
+        assert warned == [
+            f"RedisBackend: redis-py {sync_redis.__version__} closes all the connections of a RedisCluster client, "
+            "in use or not, when one command times out or loses its connection; a decision in flight on another "
+            "node can then fail inside redis-py.  redis-py 7.2 and later close only the failed connection "
+            "(pip install 'redis>=7.2')."
+        ]
+    else:
+        assert warned == []
+
+
+@pytest.mark.parametrize(
+    ("version", "closes_all"),
+    [("6.0.0", True), ("7.1.1", True), ("7.2.0", False), ("7.10.0", False), ("8.2.0", False), ("10.0.0b1", False)],
+)
+def test_which_redis_py_versions_close_all_on_timeout(version: str, closes_all: bool) -> None:
+    assert _closes_all_on_timeout(version) is closes_all
 
 
 class InFlight:

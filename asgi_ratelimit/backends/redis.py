@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 from collections.abc import Callable, Sequence
 from functools import partial
 from importlib.resources import files
 from typing import Any, Literal
 
+import redis
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
@@ -31,6 +34,8 @@ from .base import (
     slot_decision,
 )
 from .memory import system_clock_us
+
+logger = logging.getLogger("asgi_ratelimit")
 
 __all__ = ["RedisBackend"]
 
@@ -101,6 +106,14 @@ class RedisBackend:
         self._in_flight: asyncio.Semaphore | None = None
         if self.cluster:
             self._in_flight = asyncio.Semaphore(_max_connections(client))
+            if _closes_all_on_timeout(redis.__version__):
+                logger.warning(
+                    "RedisBackend: redis-py %s closes all the connections of a RedisCluster client, in use or "
+                    "not, when one command times out or loses its connection; a decision in flight on another "
+                    "node can then fail inside redis-py.  redis-py 7.2 and later close only the failed connection "
+                    "(pip install 'redis>=7.2').",
+                    redis.__version__,
+                )
 
     @classmethod
     def from_url(
@@ -445,6 +458,16 @@ def _max_connections(client: Any) -> int:
     """The size of each node's connection pool in a RedisCluster (redis-py's default is 100)."""
     limit = getattr(getattr(client, "nodes_manager", None), "connection_kwargs", {}).get("max_connections")
     return limit if isinstance(limit, int) and limit > 0 else 100
+
+
+def _closes_all_on_timeout(version: str) -> bool:
+    """Whether this redis-py's RedisCluster closes all its connections, in use or not, on one command's timeout.
+
+    Before 7.2 it did, on a timeout or a connection error: a command in flight on another node, caught
+    between connecting and sending, then failed with an AttributeError from inside redis-py.
+    """
+    numbers = re.match(r"(\d+)\.(\d+)", version)
+    return numbers is not None and (int(numbers[1]), int(numbers[2])) < (7, 2)
 
 
 def _is_cluster(client: Any) -> bool:

@@ -51,7 +51,7 @@ def most_in_any_minute(algorithm: str) -> int:
         admitted: list[int] = []
         for step in range(18_000):  # 180 s, one attempt every 10 ms
             now[0] = start + step * 10_000
-            (decision,) = backend.decide([("client", policy, 1)])
+            (decision,) = backend.submit([("client", policy, 1)], (), "")
             if decision.allowed:
                 admitted.append(now[0])
         low = 0

@@ -48,12 +48,12 @@ def measure(algorithm: str, hits: int) -> float:
     if algorithm == "concurrency":
         limit = Concurrency(10, timeout=60)
         for number, identity in enumerate(identities):
-            backend.decide_with_slots([], [(identity, limit)], f"token-{number}")
+            backend.submit([], [(identity, limit)], f"token-{number}")
     else:
         policy = parse_limit("100/day", algorithm)  # nothing expires while the run fills the store
         for identity in identities:
             for _ in range(hits):
-                backend.decide([(identity, policy, 1)])
+                backend.submit([(identity, policy, 1)], (), "")
     gc.collect()
     used, _ = tracemalloc.get_traced_memory()
     tracemalloc.stop()

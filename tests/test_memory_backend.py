@@ -44,15 +44,15 @@ def test_a_flood_of_unique_identities_never_exceeds_max_keys() -> None:
     policy = [FixedWindow(5, 3600)]
     largest = 0
     for number in range(1_000_000):
-        backend.decide([(f"203.0.{number}", policy[0], 1)])
+        backend.submit([(f"203.0.{number}", policy[0], 1)], (), "")
         if number % 997 == 0:
             largest = max(largest, len(backend))
             clock.now += 1_000  # a millisecond every thousand requests: nothing expires here
     largest = max(largest, len(backend))
     assert largest == cap
     # The most recent identities are the ones kept; the flood's start was evicted.
-    assert backend.decide([("203.0.999999", policy[0], 1)])[0].remaining == 3
-    assert backend.decide([("203.0.0", policy[0], 1)])[0].remaining == 4
+    assert backend.submit([("203.0.999999", policy[0], 1)], (), "")[0].remaining == 3
+    assert backend.submit([("203.0.0", policy[0], 1)], (), "")[0].remaining == 4
 
 
 def test_expired_keys_are_dropped() -> None:
@@ -60,12 +60,12 @@ def test_expired_keys_are_dropped() -> None:
     backend = MemoryBackend(max_keys=100_000, clock=clock)
     short = FixedWindow(1, 1)
     for number in range(5_000):
-        backend.decide([(f"old-{number}", short, 1)])
+        backend.submit([(f"old-{number}", short, 1)], (), "")
     assert len(backend) == 5_000
     clock.now += 2 * US  # every old window (and key) is over
     long = FixedWindow(1, 3600)
     for number in range(20_000):
-        backend.decide([(f"new-{number}", long, 1)])
+        backend.submit([(f"new-{number}", long, 1)], (), "")
     # Nothing needed evicting (20,000 + 5,000 is below the cap): the old keys went as they expired.
     assert len(backend) == 20_000
 
@@ -74,11 +74,11 @@ def test_an_expired_key_is_dropped_when_met() -> None:
     clock = Clock()
     backend = MemoryBackend(clock=clock)
     policy = GCRA(1, 1)
-    backend.decide([("k", policy, 1)])
+    backend.submit([("k", policy, 1)], (), "")
     assert len(backend) == 1
     clock.now += US
     # A denied hit writes nothing, and the expired state it met is gone.
-    decisions = backend.decide([("other", policy, 1), ("k", policy, 1), ("other", FixedWindow(1, 1), 2)])
+    decisions = backend.submit([("other", policy, 1), ("k", policy, 1), ("other", FixedWindow(1, 1), 2)], (), "")
     assert [d.allowed for d in decisions] == [True, True, False]
     assert len(backend) == 0
 
@@ -89,15 +89,15 @@ def test_an_expired_key_is_dropped_when_met() -> None:
 def test_keys_live_exactly_as_long_as_their_state_matters(policy: object) -> None:
     clock = Clock()
     backend = MemoryBackend(clock=clock)
-    [decision] = backend.decide([("k", policy, 3)])  # type: ignore[list-item]
+    [decision] = backend.submit([("k", policy, 3)], (), "")  # type: ignore[list-item]
     ttl_us = -(-round(decision.reset_after * US) // 1000) * 1000  # whole ms, rounded up
     clock.now += ttl_us - 1
-    backend.decide([("probe", FixedWindow(1, 1), 2)])  # a denied hit: writes nothing, touches nothing
+    backend.submit([("probe", FixedWindow(1, 1), 2)], (), "")  # a denied hit: writes nothing, touches nothing
     assert len(backend) == 1
-    still = backend.decide([("k", policy, 1), ("probe", FixedWindow(1, 1), 2)])[0]  # type: ignore[list-item]
+    still = backend.submit([("k", policy, 1), ("probe", FixedWindow(1, 1), 2)], (), "")[0]  # type: ignore[list-item]
     assert len(backend) == 1
     clock.now += 1
-    fresh = backend.decide([("k", policy, 1), ("probe", FixedWindow(1, 1), 2)])[0]  # type: ignore[list-item]
+    fresh = backend.submit([("k", policy, 1), ("probe", FixedWindow(1, 1), 2)], (), "")[0]  # type: ignore[list-item]
     assert len(backend) == 0
     assert fresh.remaining == 3  # as good as new
     assert still.remaining <= 3
@@ -108,13 +108,13 @@ def test_eviction_takes_the_key_with_the_fewest_units_consumed_and_the_oldest_am
     backend = MemoryBackend(max_keys=3, clock=clock)
     policy = SlidingWindow(5, 60)
     for identity in ("a", "b", "c"):
-        backend.decide([(identity, policy, 1)])
-    backend.decide([("a", policy, 1)])  # "a" has consumed two: "b" and "c" one each, "b" is older
-    backend.decide([("d", policy, 1)])
+        backend.submit([(identity, policy, 1)], (), "")
+    backend.submit([("a", policy, 1)], (), "")  # "a" has consumed two: "b" and "c" one each, "b" is older
+    backend.submit([("d", policy, 1)], (), "")
     assert len(backend) == 3
     assert backend.evictions == {"at_rest": 0, "live": 1}
-    assert backend.decide([("a", policy, 1)])[0].remaining == 2  # kept: third hit
-    assert backend.decide([("b", policy, 1)])[0].remaining == 4  # evicted: starts over
+    assert backend.submit([("a", policy, 1)], (), "")[0].remaining == 2  # kept: third hit
+    assert backend.submit([("b", policy, 1)], (), "")[0].remaining == 4  # evicted: starts over
 
 
 def test_keys_back_to_full_are_evicted_before_any_key_in_use() -> None:
@@ -122,14 +122,14 @@ def test_keys_back_to_full_are_evicted_before_any_key_in_use() -> None:
     backend = MemoryBackend(max_keys=3, clock=clock)
     lease = Concurrency(2, timeout=60)
     policy = FixedWindow(5, 60)
-    backend.decide([("busy", policy, 1)])
-    backend.decide_with_slots([], [("api", lease)], "token")
-    backend.decide([("heavy", policy, 4)])
+    backend.submit([("busy", policy, 1)], (), "")
+    backend.submit([], [("api", lease)], "token")
+    backend.submit([("heavy", policy, 4)], (), "")
     asyncio.run(backend.release([("api", lease)], "token"))  # no slot taken: the slots key is at rest
-    backend.decide([("new", policy, 1)])
+    backend.submit([("new", policy, 1)], (), "")
     assert backend.evictions == {"at_rest": 1, "live": 0}
-    assert backend.decide([("busy", policy, 1)])[0].remaining == 3  # kept
-    assert backend.decide([("heavy", policy, 1)])[0].remaining == 0  # kept
+    assert backend.submit([("busy", policy, 1)], (), "")[0].remaining == 3  # kept
+    assert backend.submit([("heavy", policy, 1)], (), "")[0].remaining == 0  # kept
 
 
 def test_an_exhausted_key_outlives_floods_of_fresh_identities(caplog: pytest.LogCaptureFixture) -> None:
@@ -198,7 +198,7 @@ def test_no_key_is_evicted_while_one_with_half_its_units_or_fewer_is_kept(steps:
     units: dict[str, int] = {}  # what each kept identity has consumed, by its allowed hits
     for identity, cost, gcra in steps:
         name = f"{'g' if gcra else 'f'}{identity}"
-        decision = backend.decide([(name, policies[gcra], cost)])[0]
+        decision = backend.submit([(name, policies[gcra], cost)], (), "")[0]
         if decision.allowed:  # written first, then the cap is enforced: the key itself may go
             units[name] = units.get(name, 0) + cost
         assert len(backend) <= 4
@@ -232,7 +232,7 @@ def test_the_default_clock_is_wall_clock_microseconds() -> None:
 
     backend = MemoryBackend()
     before = time.time_ns() // 1000
-    [decision] = backend.decide([("k", FixedWindow(1, 3600), 1)])
+    [decision] = backend.submit([("k", FixedWindow(1, 3600), 1)], (), "")
     after = time.time_ns() // 1000
     window = 3600 * US
     reset_us = round(decision.reset_after * US)
@@ -252,7 +252,7 @@ def test_the_sliding_log_drops_expired_entries_in_batches_and_stays_exact() -> N
     for step in range(5_000):
         clock.now += 700 + (step % 3) * 300  # 0.7 to 1.3 ms apart: about a thousand hits per window
         live = [t for t in allowed_at if t > clock.now - US]
-        decision = backend.decide([("k", policy, 1)])[0]
+        decision = backend.submit([("k", policy, 1)], (), "")[0]
         assert decision.allowed == (len(live) < 1_000)
         if decision.allowed:
             assert decision.remaining == 1_000 - len(live) - 1
@@ -274,9 +274,9 @@ def test_a_reset_key_leaves_nothing_behind_for_eviction() -> None:
     backend = MemoryBackend(max_keys=3, clock=clock)
     policy = FixedWindow(5, 60)
     for identity in ("a", "b", "c"):
-        backend.decide([(identity, policy, 1)])
+        backend.submit([(identity, policy, 1)], (), "")
     asyncio.run(backend.reset("a", [policy]))
     for identity in ("d", "e", "f", "g"):  # the cap is reached again and again; "a" is in no bucket
-        backend.decide([(identity, policy, 1)])
+        backend.submit([(identity, policy, 1)], (), "")
     assert len(backend) == 3
     assert backend.evictions == {"at_rest": 0, "live": 3}  # "b", "c" and "d", oldest first

@@ -123,14 +123,14 @@ async def test_denied_hits_change_nothing(sequence: list[tuple[int, list[tuple[s
     for at, entries, cost in sequence:
         with_denials.now = without.now = at
         hits = [(identity, POLICIES[index], cost) for identity, index in entries]
-        decisions = a.decide(hits)
+        decisions = a.submit(hits, (), "")
         if all(d.allowed for d in decisions):
-            assert b.decide(hits) == decisions
+            assert b.submit(hits, (), "") == decisions
         else:
             # Replaying the denied hit on `a` again gives the very same answer.
-            assert a.decide(hits) == decisions
+            assert a.submit(hits, (), "") == decisions
     probe = [(identity, policy, 1) for identity in IDENTITIES for policy in POLICIES]
-    assert a.decide(probe) == b.decide(probe)
+    assert a.submit(probe, (), "") == b.submit(probe, (), "")
 
 
 @settings(max_examples=60, deadline=None)
@@ -146,7 +146,7 @@ def test_what_a_limit_string_admits_in_any_window(algorithm: str, gaps: list[int
     admitted: list[int] = []
     for gap in gaps:
         now[0] += gap
-        (decision,) = backend.decide([("client", policy, 1)])
+        (decision,) = backend.submit([("client", policy, 1)], (), "")
         if decision.allowed:
             admitted.append(now[0])
     bound = 10 if algorithm == "sliding_window" else 20

@@ -133,29 +133,21 @@ class MemoryBackend:
         return len(self._store)
 
     def submit(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
-        """acquire() without a coroutine: decided at once, as nothing here waits on I/O.
+        """Decide ``hits`` and take a slot named ``token`` of every claim, or nothing at all (as hit.lua).
 
+        Decided at once, without a coroutine, as nothing here waits on I/O; atomic because it never awaits.
         The Limiter calls this, not hit_many() or acquire(): a subclass that changes decisions overrides it.
         """
-        return self.decide_with_slots(hits, claims, token) if claims else self.decide(hits)
-
-    async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
-        """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
-        return self.decide([(key, policy, cost) for policy in policies])
-
-    async def hit_many(self, hits: Sequence[Hit]) -> list[Decision]:
-        """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
-        return self.decide(hits)
-
-    async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
-        """Decide ``hits`` and take a slot named ``token`` of every claim, or nothing at all (as hit.lua)."""
-        return self.decide_with_slots(hits, claims, token)
-
-    def decide_with_slots(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
-        """The synchronous core of acquire: every entry decided first, the writes only when all allow."""
-        if not claims:
-            return self.decide(hits)
-        now = self._clock()
+        now = time.time_ns() // 1000 if self._system_clock else self._clock()  # as system_clock_us()
+        if len(hits) == 1 and not claims:  # the common case: one policy decides and writes in one step
+            identity, policy, cost = hits[0]
+            if cost.__class__ is not int or cost < 1:  # a bool's class is bool: refused too
+                check_hits(hits)  # raises, naming the bad cost
+            key = self._keys.get((identity, policy.key_suffix)) or self._key(identity, policy)  # no call when known
+            allowed, retry, remaining, reset = _ALGORITHMS[policy.code](self, key, now, cost, policy, True)
+            return [decision_from_reply(policy, allowed, retry, remaining, reset)]
+        # Every entry and slot is decided before any is written, as in hit.lua, so a denied hit takes
+        # nothing.  Nothing changes in between, so the committing pass allows too.
         check_hits(hits)
         keys = [self._key(identity, policy) for identity, policy, _ in hits]
         names = [slots_key(self.prefix, digest(identity)) for identity, _ in claims]
@@ -177,6 +169,18 @@ class MemoryBackend:
         return [decision_from_reply(policy, *reply) for (_, policy, _), reply in zip(hits, replies, strict=True)] + [
             slot_decision(limit, *reply) for (_, limit), reply in zip(claims, slot_replies, strict=True)
         ]
+
+    async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
+        """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
+        return self.submit([(key, policy, cost) for policy in policies], (), "")
+
+    async def hit_many(self, hits: Sequence[Hit]) -> list[Decision]:
+        """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
+        return self.submit(hits, (), "")
+
+    async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+        """Decide ``hits`` and take a slot named ``token`` of every claim, or nothing at all (as hit.lua)."""
+        return self.submit(hits, claims, token)
 
     async def check(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decide ``hits`` without taking anything (hit.lua's "check" mode)."""
@@ -268,31 +272,6 @@ class MemoryBackend:
         self._store.clear()
         self._buckets.clear()
         self._levels.clear()
-
-    def decide(self, hits: Sequence[Hit]) -> list[Decision]:
-        """The synchronous core of hit_many: atomic because it never awaits."""
-        now = time.time_ns() // 1000 if self._system_clock else self._clock()  # as system_clock_us()
-        if len(hits) == 1:  # the common case: one policy decides and writes in one step
-            identity, policy, cost = hits[0]
-            if cost.__class__ is not int or cost < 1:  # a bool's class is bool: refused too
-                check_hits(hits)  # raises, naming the bad cost
-            key = self._keys.get((identity, policy.key_suffix)) or self._key(identity, policy)  # no call when known
-            allowed, retry, remaining, reset = _ALGORITHMS[policy.code](self, key, now, cost, policy, True)
-            return [decision_from_reply(policy, allowed, retry, remaining, reset)]
-        # Several policies: all are decided before any is written, as in hit.lua, so a denied hit
-        # takes from none of them.  Nothing changes in between, so the committing pass allows too.
-        check_hits(hits)
-        keys = [self._key(identity, policy) for identity, policy, _ in hits]
-        replies = [
-            _ALGORITHMS[policy.code](self, key, now, cost, policy, False)
-            for key, (_, policy, cost) in zip(keys, hits, strict=True)
-        ]
-        if all(reply[0] for reply in replies):
-            replies = [
-                _ALGORITHMS[policy.code](self, key, now, cost, policy, True)
-                for key, (_, policy, cost) in zip(keys, hits, strict=True)
-            ]
-        return [decision_from_reply(policy, *reply) for (_, policy, _), reply in zip(hits, replies, strict=True)]
 
     # -- storage ---------------------------------------------------------------------
 

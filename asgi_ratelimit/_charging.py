@@ -333,7 +333,7 @@ class Settler:
         if self._now is not None:
             backend = cast(MemoryBackend, limiter.backend)
             return limiter.check_in_process(backend.check_now, hits)
-        return await limiter.check(self.backend.check, hits)
+        return await limiter.decide(hits, self.backend.check)
 
     async def _run_app(
         self,

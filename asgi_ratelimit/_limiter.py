@@ -232,19 +232,30 @@ class Limiter:
     # (MemoryBackend) or waited on in _wait() within the budget.  Success, failure and abandoned
     # calls are counted there and nowhere else.
 
-    def decide(self, hits: Sequence[Hit]) -> Coroutine[Any, Any, list[Decision]]:
-        """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open."""
-        return self._through_cache(self.backend.submit, hits, (), "")
+    async def decide(
+        self, hits: Sequence[Hit], check: Callable[[Sequence[Hit]], Awaitable[list[Decision]]] | None = None
+    ) -> list[Decision]:
+        """Decisions for ``hits``, or BackendError when the backend fails, is too slow, or the breaker is open.
 
-    def check(
-        self, method: Callable[[Sequence[Hit]], Awaitable[list[Decision]]], hits: Sequence[Hit]
-    ) -> Coroutine[Any, Any, list[Decision]]:
-        """``method(hits)`` (a backend's check, which spends nothing) within the budget, behind the breaker.
-
-        A refused check is remembered in the deny cache as a refused hit is: a check refuses exactly when
-        a hit of the same cost would, so a flood on a key out of quota costs no round trips either.
+        With ``check`` (a backend's check method, which spends nothing), ``check(hits)`` instead of a hit.
+        Refused hits are answered from the deny cache while they stay refused; a refused check is
+        remembered there as a refused hit is: a check refuses exactly when a hit of the same cost
+        would, so a flood on a key out of quota costs no round trips either.
         """
-        return self._through_cache(method, hits)
+        cache = self.deny_cache
+        signature: tuple[Hit, ...] = ()
+        sent_at = 0.0
+        if cache is not None:
+            signature = tuple(hits)
+            cached = cache.get(signature)
+            if cached is not None:
+                return cached
+            sent_at = self._clock()
+        outcome = self._begin(self.backend.submit, hits, (), "") if check is None else self._begin(check, hits)
+        decisions: list[Decision] = outcome if isinstance(outcome, list) else await outcome
+        if cache is not None and not all(decision.allowed for decision in decisions):
+            cache.put(signature, decisions, sent_at)
+        return decisions
 
     def check_in_process(
         self, method: Callable[[Sequence[Hit]], list[Decision]], hits: Sequence[Hit]
@@ -255,23 +266,6 @@ class Limiter:
             outcome.close()
             raise BackendError(f"{method!r} did not decide at once")
         return outcome
-
-    async def _through_cache(self, start: Callable[..., Any], hits: Sequence[Hit], *args: Any) -> list[Decision]:
-        """``start(hits, *args)`` through _begin(), answered from the deny cache while it refuses them."""
-        cache = self.deny_cache
-        if cache is None:
-            outcome = self._begin(start, hits, *args)
-            return outcome if isinstance(outcome, list) else await outcome
-        signature = tuple(hits)
-        cached = cache.get(signature)
-        if cached is not None:
-            return cached
-        sent_at = self._clock()
-        outcome = self._begin(start, hits, *args)
-        decisions: list[Decision] = outcome if isinstance(outcome, list) else await outcome
-        if not all(decision.allowed for decision in decisions):
-            cache.put(signature, decisions, sent_at)
-        return decisions
 
     async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
         """Decide ``hits`` and take the claimed slots in one backend call, within the budget, behind the breaker.

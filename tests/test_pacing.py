@@ -16,6 +16,7 @@ runs the full minute.  Nothing is timed: the assertions are on status codes and 
 from __future__ import annotations
 
 import base64
+import math
 import os
 import re
 import threading
@@ -191,9 +192,22 @@ def pace(pool: urllib3.PoolManager, url: str, client: str, seconds: float, strat
     return outcome
 
 
-def ignore(pool: urllib3.PoolManager, url: str, client: str, count: int) -> list[int]:
-    """Request ``url`` ``count`` times back to back, reading nothing."""
-    return [pool.request("GET", url, headers={"x-client": client}, retries=False).status for _ in range(count)]
+def ignore(pool: urllib3.PoolManager, url: str, client: str, count: int) -> tuple[list[int], float, float]:
+    """Request ``url`` ``count`` times back to back, reading nothing: the statuses, and when it started and ended."""
+    started = time.time()
+    statuses = [pool.request("GET", url, headers={"x-client": client}, retries=False).status for _ in range(count)]
+    return statuses, started, time.time()
+
+
+def most_admitted(algorithm: str, started: float, ended: float) -> int:
+    """The most "10 per 2 seconds" may admit to a client that asks without pause from ``started`` to ``ended``.
+
+    A fixed window admits 10 in each 2 s window the run touches (windows start on multiples of 2 s of the
+    clock).  The others admit a burst of 10, then refill at the nominal rate: one every 0.2 s of the run.
+    """
+    if algorithm == "fixed_window":
+        return 10 * (math.floor(ended / 2) - math.floor(started / 2) + 1)
+    return 10 + math.ceil((ended - started) / 0.2)
 
 
 def by_client(request: HTTPConnection) -> str | None:
@@ -260,5 +274,8 @@ def test_a_client_pacing_by_r_and_t_is_never_refused(make_backend: Callable[[], 
         # Pacing must not mean stalling: at least a third of the nominal rate (the sliding window
         # counter's cautious time-to-full makes it the slowest, near 45 % of it).
         assert len(outcome.statuses) >= PACING_SECONDS, (name, len(outcome.statuses))
-    for name, statuses in ignored.items():
-        assert statuses.count(200) <= 10 and statuses.count(429) >= 30, (name, statuses)
+    # A run is usually well under 0.2 s: 10 admitted, 30 refused.  On a loaded machine it can last longer,
+    # and cross a fixed window's boundary, where the next window's 10 are due.
+    for name, (statuses, started, ended) in ignored.items():
+        assert set(statuses) <= {200, 429}, (name, statuses)
+        assert 10 <= statuses.count(200) <= most_admitted(name, started, ended), (name, statuses, ended - started)

@@ -12,10 +12,11 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -32,10 +33,21 @@ STOP_TIMEOUT = 10
 
 @dataclass
 class Served:
-    """A running ``serve`` command: its base URL, and its output once it has stopped."""
+    """A running ``serve`` command: its base URL, and its output so far (read as it is printed)."""
 
     base: str
-    output: str = ""
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_for_workers(self, count: int) -> None:
+        """Wait (bounded) until ``count`` worker processes have started: the first one answers long before
+        the last has imported the app on a loaded machine."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while self.output.count("Started server process") < count and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @contextmanager
@@ -55,12 +67,15 @@ def serve(*args: str, env: dict[str, str] | None = None, port: int | None = None
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**environment, **(env or {})}
     )
     served = Served(f"http://127.0.0.1:{port}")
+    assert process.stdout is not None
+    reader = threading.Thread(target=lambda: served.lines.extend(line.decode() for line in process.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:
             if process.poll() is not None:
-                output = process.stdout.read().decode() if process.stdout else ""
-                raise AssertionError(f"the command exited with {process.returncode}: {output}")
+                reader.join(STOP_TIMEOUT)
+                raise AssertionError(f"the command exited with {process.returncode}: {served.output}")
             try:
                 if httpx.get(f"{served.base}/health/live", timeout=1).status_code == 200:
                     break
@@ -78,9 +93,8 @@ def serve(*args: str, env: dict[str, str] | None = None, port: int | None = None
             except subprocess.TimeoutExpired:
                 os.kill(process.pid, signal.SIGKILL)
                 process.wait(timeout=STOP_TIMEOUT)
-        if process.stdout is not None:
-            served.output = process.stdout.read().decode()
-            process.stdout.close()
+        reader.join(STOP_TIMEOUT)
+        process.stdout.close()
 
 
 BODY = {"key": "user:123", "algorithm": "fixed_window", "limit": 2, "window": 60}
@@ -241,6 +255,7 @@ async def test_two_workers_on_redis_admit_exactly_the_limit(
     redis = ("--redis-url", redis_url, "--prefix", key_prefix, "--timeout", "1")
     with serve("--workers", "2", *redis, "--log-level", "info") as served:
         allowed = await concurrent_checks(served.base, body, 300)
+        served.wait_for_workers(2)
     assert sum(allowed) == 50
     # Two worker processes served (uvicorn logs each one's start).
     assert served.output.count("Started server process") == 2, served.output
@@ -358,6 +373,7 @@ def test_the_environment_alone_configures_the_command(redis_url: str, key_prefix
         good = {"authorization": f"Bearer {TOKEN}"}
         assert client.post("/check", json=SPENT, headers=good).status_code == 200
         assert client.get("/metrics", headers=good).status_code == 200
+        served.wait_for_workers(2)
     assert served.output.count("Started server process") == 2
     client_redis = sync_redis.Redis.from_url(redis_url)
     try:

@@ -132,11 +132,10 @@ class MemoryBackend:
     def __len__(self) -> int:
         return len(self._store)
 
-    def submit(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
+    def _decide(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
         """Decide ``hits`` and take a slot named ``token`` of every claim, or nothing at all (as hit.lua).
 
         Decided at once, without a coroutine, as nothing here waits on I/O; atomic because it never awaits.
-        The Limiter calls this, not hit_many() or acquire(): a subclass that changes decisions overrides it.
         """
         now = time.time_ns() // 1000 if self._system_clock else self._clock()  # as system_clock_us()
         if len(hits) == 1 and not claims:  # the common case: one policy decides and writes in one step
@@ -170,17 +169,21 @@ class MemoryBackend:
             slot_decision(limit, *reply) for (_, limit), reply in zip(claims, slot_replies, strict=True)
         ]
 
+    #: What the Limiter calls: _decide() itself, with no coroutine and no extra call.  A subclass that
+    #: changes decisions overrides submit(); hit(), hit_many() and acquire() keep deciding through _decide().
+    submit = _decide
+
     async def hit(self, key: str, policies: Sequence[Policy], cost: int = 1) -> list[Decision]:
         """Take ``cost`` units from every policy of ``key``, or from none; one Decision per policy."""
-        return self.submit([(key, policy, cost) for policy in policies], (), "")
+        return self._decide([(key, policy, cost) for policy in policies], (), "")
 
     async def hit_many(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decide several (identity, policy, cost) entries as one hit: all taken, or none."""
-        return self.submit(hits, (), "")
+        return self._decide(hits, (), "")
 
     async def acquire(self, hits: Sequence[Hit], claims: Sequence[Claim], token: str) -> list[Decision]:
         """Decide ``hits`` and take a slot named ``token`` of every claim, or nothing at all (as hit.lua)."""
-        return self.submit(hits, claims, token)
+        return self._decide(hits, claims, token)
 
     async def check(self, hits: Sequence[Hit]) -> list[Decision]:
         """Decide ``hits`` without taking anything (hit.lua's "check" mode)."""

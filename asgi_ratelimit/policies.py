@@ -136,10 +136,10 @@ class Policy:
     quota: int  # what RateLimit-Policy advertises as q
     window_seconds: int  # what RateLimit-Policy advertises as w (whole seconds, > 0)
     capacity: int  # the largest cost that can ever be allowed
-    params: tuple[str, str]  # the script's two parameters, already formatted
-    numbers: tuple[Any, int]  # the same two as numbers, for MemoryBackend (p1 is a float rate for TokenBucket)
-    key_suffix: str  # distinguishes two policies stored under one identity
+    # The algorithm's two parameters, p1 and p2, each kept in the one form its reader needs:
+    numbers: tuple[Any, int]  # as numbers, for MemoryBackend (p1 is a float rate for TokenBucket)
     script_args: tuple[bytes, bytes, bytes]  # code, p1, p2 as the script receives them, encoded once
+    key_suffix: str  # "code:p1:p2": distinguishes two policies stored under one identity
 
     def _finish(self, quota: int, window_us: int, capacity: int, p1: int | float, p2: int) -> None:
         # Frozen dataclasses forbid attribute assignment; these are derived once, here.
@@ -147,7 +147,6 @@ class Policy:
         object.__setattr__(self, "window_seconds", max(1, math.ceil(window_us / MICROS)))
         object.__setattr__(self, "capacity", capacity)
         # repr() of a float round-trips exactly, and Lua's tonumber reads back the same double.
-        object.__setattr__(self, "params", (repr(p1), str(p2)))
         object.__setattr__(self, "numbers", (p1, p2))
         object.__setattr__(self, "key_suffix", f"{self.code}:{p1!r}:{p2}")
         object.__setattr__(self, "script_args", (str(self.code).encode(), repr(p1).encode(), str(p2).encode()))

@@ -69,12 +69,13 @@ async def test_noscript_inside_a_pipeline_is_recovered(
     caller = ScriptCaller(client, HIT_SCRIPT, wire=wire)
     policy = GCRA(1000, 1)
     try:
-        await caller(1, f"{key_prefix}warm", "", policy.code, 1, *policy.params)  # loads the script
+        await caller(1, f"{key_prefix}warm", "", policy.code, 1, *policy.script_args[1:])  # loads the script
         # Hold the caller's one round trip as if a call were in flight, so the next calls queue; flush
         # the scripts; then let the queue leave: the pipeline meets NOSCRIPT on every entry.
         caller._in_flight += 1
         queued = [
-            asyncio.ensure_future(caller(1, f"{key_prefix}q{i}", "", policy.code, 1, *policy.params)) for i in range(10)
+            asyncio.ensure_future(caller(1, f"{key_prefix}q{i}", "", policy.code, 1, *policy.script_args[1:]))
+            for i in range(10)
         ]
         await asyncio.sleep(0)
         assert len(caller._queue) == 10
@@ -213,7 +214,7 @@ async def test_a_submitted_call_given_up_before_its_turn_is_never_sent(
     policy = GCRA(10, 60)  # keys that live for seconds, so the test can look for them
 
     def args(name: str) -> list[Any]:
-        return [f"{key_prefix}{name}", "", policy.code, 1, *policy.params]
+        return [f"{key_prefix}{name}", "", policy.code, 1, *policy.script_args[1:]]
 
     try:
         await caller(1, *args("warm"))  # loads the script

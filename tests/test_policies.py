@@ -97,7 +97,7 @@ def test_derived_parameters(
     assert policy.quota == quota
     assert policy.window_seconds == window_seconds
     assert policy.capacity == capacity
-    assert policy.params == params
+    assert policy.script_args == (str(policy.code).encode(), params[0].encode(), params[1].encode())
     assert policy.key_suffix == f"{policy.code}:{params[0]}:{params[1]}"
 
 

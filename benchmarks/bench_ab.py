@@ -1,4 +1,4 @@
-"""Before against after, in process, in one run: two checkouts of the package measured in alternation (A B A B).
+"""Before against after, in process, in one run: two checkouts of the package measured in alternation (A B B A ...).
 
 Each round runs every config once per checkout, each in a fresh subprocess that imports the package from that
 checkout (the harness, httpbench, is this one's for both).  Figures are medians over the rounds:
@@ -210,7 +210,9 @@ def main() -> None:
         )
     rounds: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
     for index in range(args.rounds):
-        for label, tree in trees.items():  # A B, A B, ...
+        # A B, then B A, and so on: neither side always runs on a machine just warmed (or tired) by the other.
+        order = list(trees.items())
+        for label, tree in order if index % 2 == 0 else reversed(order):
             rounds[label].append(_round(tree, args.redis_url, args.seconds))
             for config in filter(None, args.uvicorn.split(",")):
                 run = _uvicorn(tree, args.redis_url, config, max(1, round(args.seconds * 5)))

@@ -7,6 +7,7 @@ app run, adding the headers to ``http.response.start`` as it passes (bodies stre
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -44,6 +45,10 @@ from .rules import CompiledLimits, PathPattern, Rule, bypassed_endpoint, endpoin
 __all__ = ["RateLimitMiddleware"]
 
 logger = logging.getLogger("asgi_ratelimit")
+
+#: The longest a shutdown waits for charges and slot releases still being retried (seconds).  Well inside
+#: the 30 s that Kubernetes, for one, gives a pod to stop.
+SHUTDOWN_GRACE = 5.0
 
 OnLimited = Callable[[HTTPConnection, Sequence[Decision]], Awaitable[ASGIApp] | ASGIApp]
 ExemptPredicate = Callable[[HTTPConnection], bool | Awaitable[bool]]
@@ -152,7 +157,7 @@ class RateLimitMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope_type = scope["type"]
         if scope_type != "http" and scope_type != "websocket":
-            await self.app(scope, receive, self._at_lifespan(scope, send) if scope_type == "lifespan" else send)
+            await (self._lifespan(scope, receive, send) if scope_type == "lifespan" else self.app(scope, receive, send))
             return
         path = route_path(scope) if scope.get("root_path") else scope["path"]  # not mounted: no call
         if self._operations is not None and scope_type == "http" and path in self._operations.paths:
@@ -169,8 +174,20 @@ class RateLimitMiddleware:
         finally:
             current_guard.reset(token)
 
-    def _at_lifespan(self, scope: Scope, send: Send) -> Send:
-        """Check the backend and the rules once the app has started; close a backend built from a URL at shutdown."""
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app's lifespan with the middleware's own steps around it.
+
+        Once the app has started: the backend is pinged and the rules checked against its routes.  When the
+        server asks for shutdown, before the app hears of it (its handlers may close the backend): what is
+        still owed to the backend is sent, for at most SHUTDOWN_GRACE seconds.  Once the app has shut down:
+        a backend built from a URL is closed.
+        """
+
+        async def receive_owed_first() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self._send_what_is_owed()
+            return message
 
         async def send_with_checks(message: Message) -> None:
             if message["type"] == "lifespan.startup.complete":
@@ -180,7 +197,23 @@ class RateLimitMiddleware:
                 await self.backend.aclose()
             await send(message)
 
-        return send_with_checks
+        await self.app(scope, receive_owed_first, send_with_checks)
+
+    async def _send_what_is_owed(self) -> None:
+        """Wait, within SHUTDOWN_GRACE, for the charges after responses and the slot releases still being retried."""
+        owed = [queue for queue in (self._settler.pending, self.limiter.releases) if queue is not None and len(queue)]
+        if not owed:
+            return
+        try:
+            await asyncio.wait_for(asyncio.gather(*(queue.wait() for queue in owed)), SHUTDOWN_GRACE)
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+            left = sum(len(queue) for queue in owed)
+            logger.warning(
+                "asgi_ratelimit: shutting down with %d charges or slot releases the backend has not taken after "
+                "%g s; they are lost when the process exits",
+                left,
+                SHUTDOWN_GRACE,
+            )
 
     def _limit(self, scope: Scope, receive: Receive, send: Send, path: str, guard: _Guard | None) -> Awaitable[None]:
         """What to await for the request: the app, or the middleware's Rules applied around it.

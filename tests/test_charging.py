@@ -7,7 +7,9 @@ by hand where a wait is the point (Redis then in client-clock mode).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
@@ -18,11 +20,16 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from test_service import lifespan
+from test_uvicorn import serve
 
+import asgi_ratelimit.middleware as middleware_module
 from asgi_ratelimit import (
     GCRA,
     Backend,
+    BackendError,
     BodyBytes,
+    Concurrency,
     ConfigurationError,
     FromState,
     Header,
@@ -32,6 +39,7 @@ from asgi_ratelimit import (
     Rule,
     TokenBucket,
 )
+from asgi_ratelimit.backends.base import Charged, Claim, Hit
 
 PASSWORD = "right horse battery staple"
 
@@ -318,7 +326,6 @@ async def test_concurrent_requests_overshoot_by_no_more_than_their_cost_in_fligh
 
 
 async def test_a_concurrency_rule_beside_a_charging_one_bounds_the_requests_in_flight(mw_backend: Any) -> None:
-    from asgi_ratelimit import Concurrency
 
     release = asyncio.Event()
     inside = 0
@@ -437,3 +444,121 @@ async def test_a_counting_rule_on_the_default_backend() -> None:
             (await client.post("/login", content="guess", headers={"x-account": "a"})).status_code for _ in range(6)
         ]
     assert statuses == [401] * 5 + [429]
+
+
+# -- what is still owed at shutdown ---------------------------------------------------------------
+
+
+class Blipping(MemoryBackend):
+    """Fails its first ``failures`` charges and slot releases, as Redis does through a blip; counts what it took."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.charged = self.released = 0
+
+    def _blip(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise BackendError("Redis failed: ConnectionError: Connection reset by peer")
+
+    async def charge(self, hits: Sequence[Hit], token: str, remember_us: int) -> Charged:
+        self._blip()
+        self.charged += 1
+        return await super().charge(hits, token, remember_us)
+
+    async def release(self, claims: Sequence[Claim], token: str) -> None:
+        self._blip()
+        self.released += 1
+        await super().release(claims, token)
+
+
+def app_with_shutdown(backend: Blipping, seen_at_shutdown: list[tuple[int, int]]) -> RateLimitMiddleware:
+    """A login route (counted by outcome) and a route holding a slot; the app's own shutdown notes what was taken."""
+
+    @contextlib.asynccontextmanager
+    async def app_lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        seen_at_shutdown.append((backend.charged, backend.released))  # where an app would close its backend
+
+    held = Rule("/held", Concurrency(2, timeout=60), key=Header("x-key"), name="in-flight")
+    routes = [Route("/login", login, methods=["POST"]), Route("/held", ok)]
+    return RateLimitMiddleware(
+        Starlette(routes=routes, lifespan=app_lifespan), rules=[login_rule(), held], backend=backend, metrics=False
+    )
+
+
+async def ok(request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def a_wrong_password_and_a_held_slot(app: RateLimitMiddleware, backend: Blipping) -> None:
+    async with client_of(app) as client:
+        assert (await client.post("/login", content="guess", headers={"x-account": "a"})).status_code == 401
+        assert (await client.get("/held", headers={"x-key": "k"})).status_code == 200
+    assert (backend.charged, backend.released) == (0, 0)  # both failed at once: they are being retried
+
+
+async def test_what_is_owed_at_shutdown_is_sent_before_the_app_shuts_down() -> None:
+    # Eight failures: the retries (after 0.02, 0.04, ... 0.5 s) are still at it when the shutdown comes.
+    backend = Blipping(failures=8)
+    seen_at_shutdown: list[tuple[int, int]] = []
+    app = app_with_shutdown(backend, seen_at_shutdown)
+
+    sent = await lifespan(app, lambda: a_wrong_password_and_a_held_slot(app, backend))
+
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert seen_at_shutdown == [(1, 1)]
+
+
+def test_what_is_owed_is_sent_before_uvicorn_shuts_the_app_down() -> None:
+    backend = Blipping(failures=8)
+    seen_at_shutdown: list[tuple[int, int]] = []
+    app = app_with_shutdown(backend, seen_at_shutdown)
+    with serve(app) as base, httpx.Client(base_url=base) as client:
+        assert client.post("/login", content="guess", headers={"x-account": "a"}).status_code == 401
+        assert client.get("/held", headers={"x-key": "k"}).status_code == 200
+        assert (backend.charged, backend.released) == (0, 0)
+    assert seen_at_shutdown == [(1, 1)]
+
+
+async def test_a_shutdown_waits_for_what_is_owed_no_longer_than_its_grace(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(middleware_module, "SHUTDOWN_GRACE", 0.3)
+    backend = Blipping(failures=1_000_000)  # Redis stays down
+    seen_at_shutdown: list[tuple[int, int]] = []
+    app = app_with_shutdown(backend, seen_at_shutdown)
+
+    with caplog.at_level(logging.WARNING, logger="asgi_ratelimit"):
+        sent = await lifespan(app, lambda: a_wrong_password_and_a_held_slot(app, backend))
+
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert seen_at_shutdown == [(0, 0)]
+    assert (
+        "shutting down with 2 charges or slot releases the backend has not taken after 0.3 s; "
+        "they are lost when the process exits"
+    ) in caplog.text
+    # This test's event loop goes on: once Redis is back the retries deliver both (within a few of their pauses).
+    backend.failures = 0
+    for _ in range(100):
+        if (backend.charged, backend.released) == (1, 1):
+            break
+        await asyncio.sleep(0.05)
+    assert (backend.charged, backend.released) == (1, 1)
+
+
+async def test_a_shutdown_with_nothing_owed_does_not_wait_or_warn(caplog: pytest.LogCaptureFixture) -> None:
+    backend = Blipping(failures=0)
+    seen_at_shutdown: list[tuple[int, int]] = []
+    app = app_with_shutdown(backend, seen_at_shutdown)
+    with caplog.at_level(logging.WARNING, logger="asgi_ratelimit"):
+        await lifespan(app, lambda: a_wrong_password_and_a_held_slot_taken(app))
+    assert seen_at_shutdown == [(1, 1)]
+    assert "shutting down" not in caplog.text
+
+
+async def a_wrong_password_and_a_held_slot_taken(app: RateLimitMiddleware) -> None:
+    async with client_of(app) as client:
+        assert (await client.post("/login", content="guess", headers={"x-account": "a"})).status_code == 401
+        assert (await client.get("/held", headers={"x-key": "k"})).status_code == 200

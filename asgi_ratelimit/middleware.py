@@ -40,7 +40,7 @@ from .backends.base import Backend, Claim, Hit, new_token
 from .errors import BackendError, ConfigurationError
 from .health import OperationsApp
 from .policies import Decision
-from .rules import CompiledLimits, PathPattern, Rule, bypassed_endpoint, endpoints_marked
+from .rules import CompiledLimits, PathPattern, Rule, bypassed_endpoint, endpoint_rules_named, endpoints_marked
 
 __all__ = ["RateLimitMiddleware"]
 
@@ -518,18 +518,21 @@ class RateLimitMiddleware:
     async def reset(self, rule_name: str, key: str) -> None:
         """Forget ``key``'s counts under the rule named ``rule_name``: its next request finds a full allowance.
 
-        ``rule_name`` names one of the rules given to the middleware (an ``@rate_limit`` endpoint's rules
-        are not among them); ``key`` is what its extractor returns (a client IP, an API key).  A rule
-        whose limits depend on the request is reset under every tier this process has applied.  Raises
-        ConfigurationError for an unknown rule, BackendError when the backend does not answer.  Another
-        process may still deny the key from its own deny cache until the wait it last told.
+        ``rule_name`` names one of the rules given to the middleware, or an ``@rate_limit`` endpoint's
+        (``name=``, or ``module.function``); ``key`` is what its extractor returns (a client IP, an API key).
+        A rule whose limits depend on the request is reset under every tier this process has applied.
+        Raises ConfigurationError for an unknown rule, BackendError when the backend does not answer.
+        Another process may still deny the key from its own deny cache until the wait it last told.
         """
-        rule = next((rule for rule in self.rules if rule.name == rule_name), None)
-        if rule is None:
+        rules = [rule for rule in self.rules if rule.name == rule_name] or endpoint_rules_named(rule_name)
+        if not rules:
             names = ", ".join(repr(rule.name) for rule in self.rules) or "none"
-            raise ConfigurationError(f"No rule is named {rule_name!r}; the rules are: {names}.")
-        policies = list(dict.fromkeys(policy for limits in rule.known_limits() for policy in limits.policies))
-        await self.limiter.reset(rule.identity(key), policies)
+            raise ConfigurationError(
+                f"No rule is named {rule_name!r}; the rules are: {names}; nor is any @rate_limit endpoint."
+            )
+        known = (limits for rule in rules for limits in rule.known_limits())
+        policies = list(dict.fromkeys(policy for limits in known for policy in limits.policies))
+        await self.limiter.reset(rules[0].identity(key), policies)
 
 
 class _Guard:

@@ -396,6 +396,14 @@ EndpointT = TypeVar("EndpointT", bound=Callable[..., Any])
 _marked = 0  # endpoints wrapped by @rate_limit in this process
 
 
+_endpoint_rules: dict[str, list[Rule]] = {}  # name -> the @rate_limit rules of that name, for reset
+
+
+def endpoint_rules_named(name: str) -> list[Rule]:
+    """The ``@rate_limit`` rules named ``name`` in this process (several endpoints may share a name, and its state)."""
+    return _endpoint_rules.get(name, [])
+
+
 def endpoints_marked() -> bool:
     """Whether any endpoint has been marked with @rate_limit (or a RateLimit dependency made): until then, requests
     need no guard."""
@@ -473,6 +481,8 @@ def _limited(endpoint: Callable[..., Any], marks: tuple[_Mark, ...]) -> Callable
             raise ConfigurationError(f"@rate_limit on {base}: two limits are named {name!r}; give each its own name=.")
         rules.append(Rule("/", mark.limits, name=name, **mark.options))
     applied = tuple(rules)
+    for rule in applied:
+        _endpoint_rules.setdefault(rule.name, []).append(rule)
     is_async = _is_async(endpoint)
 
     @functools.wraps(endpoint)

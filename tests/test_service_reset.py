@@ -8,6 +8,7 @@ Redis, and through the deny cache, which must forget the key too.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import httpx
@@ -30,6 +31,7 @@ from asgi_ratelimit import (
     RedisBackend,
     Rule,
     TokenBucket,
+    rate_limit,
 )
 from asgi_ratelimit._deny_cache import DenyCache
 from asgi_ratelimit._keys import digest
@@ -234,5 +236,21 @@ async def test_middleware_reset_covers_every_tier_applied() -> None:
 
 async def test_middleware_reset_of_an_unknown_rule_names_the_rules() -> None:
     middleware = limited(MemoryBackend(), [Rule("/login", "2/hour", name="login")])
-    with pytest.raises(ConfigurationError, match="No rule is named 'logins'; the rules are: 'login'"):
+    message = "No rule is named 'logins'; the rules are: 'login'; nor is any @rate_limit endpoint."
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
         await middleware.reset("logins", "127.0.0.1")
+
+
+@rate_limit("2/hour", name="endpoint-login")
+async def endpoint_login(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("hello")
+
+
+async def test_middleware_reset_of_an_endpoint_rule(mw_backend: Backend) -> None:
+    app = Starlette(routes=[Route("/login", endpoint_login, methods=["POST"])])
+    middleware = RateLimitMiddleware(app, backend=mw_backend, registry=CollectorRegistry(), timeout=2.0)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=middleware), base_url="http://app") as client:
+        statuses = [(await client.post("/login")).status_code for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        await middleware.reset("endpoint-login", "127.0.0.1")
+        assert (await client.post("/login")).status_code == 200

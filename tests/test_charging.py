@@ -548,7 +548,7 @@ async def test_a_shutdown_waits_for_what_is_owed_no_longer_than_its_grace(
     assert (backend.charged, backend.released) == (1, 1)
 
 
-async def test_a_shutdown_with_nothing_owed_does_not_wait_or_warn(caplog: pytest.LogCaptureFixture) -> None:
+async def test_a_shutdown_with_nothing_owed_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
     backend = Blipping(failures=0)
     seen_at_shutdown: list[tuple[int, int]] = []
     app = app_with_shutdown(backend, seen_at_shutdown)

@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
+from test_charging import PASSWORD, login, login_rule
 from test_uvicorn import closing, serve
 
 from asgi_ratelimit import (
@@ -36,9 +37,6 @@ from asgi_ratelimit import (
     TokenBucket,
 )
 
-PASSWORD = "right horse battery staple"
-
-
 # Charges in debt keep their keys for hours: every test deletes what it wrote to the machine's Redis.
 pytestmark = pytest.mark.usefixtures("forget_prefixed_keys")
 
@@ -46,22 +44,9 @@ pytestmark = pytest.mark.usefixtures("forget_prefixed_keys")
 def test_failed_logins_over_real_http(make_backend: Callable[[], Backend]) -> None:
     backend = make_backend()
 
-    async def login(request: Request) -> Response:
-        right = (await request.body()).decode() == PASSWORD
-        return PlainTextResponse("welcome" if right else "no", status_code=200 if right else 401)
-
     app = RateLimitMiddleware(
         Starlette(routes=[Route("/login", login, methods=["POST"])], lifespan=closing(backend)),
-        rules=[
-            Rule(
-                "/login",
-                "5 per 15 minutes",
-                algorithm="sliding_window",  # exact: never a sixth failure in any 15 minutes
-                key=Header("x-account"),
-                methods=["POST"],
-                counts=lambda status: status in (401, 403),
-            )
-        ],
+        rules=[login_rule()],
         backend=backend,
         registry=CollectorRegistry(),
         timeout=2.0,
